@@ -1,0 +1,149 @@
+"""Wire formats: upload events, result files, dead letters and labels. All versioned pydantic."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+EVENT_SCHEMA_VERSION = 1
+RESULT_SCHEMA_VERSION = 1
+DEAD_LETTER_SCHEMA_VERSION = 1
+LABEL_SCHEMA_VERSION = 1
+
+_S3_URI = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])/(?P<key>.{1,1024})$")
+_ID = r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$"
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """Split `s3://bucket/key` into (bucket, key); ValueError if it is not one."""
+    match = _S3_URI.match(uri)
+    if not match:
+        raise ValueError(f"not an s3://bucket/key URI: {uri[:200]!r}")
+    return match["bucket"], match["key"]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UploadEvent(BaseModel):
+    """Enqueued when a product image is uploaded."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal[1] = EVENT_SCHEMA_VERSION
+    event_id: str = Field(default_factory=lambda: uuid.uuid4().hex, pattern=_ID)
+    product_id: str = Field(pattern=_ID)
+    category: str = Field(min_length=1, max_length=64)
+    image: str = Field(description="s3://bucket/key of the product image")
+    submitted_at: datetime = Field(default_factory=utcnow)
+
+    @field_validator("image")
+    @classmethod
+    def _s3(cls, uri: str) -> str:
+        parse_s3_uri(uri)
+        return uri
+
+
+class AttributeResult(BaseModel):
+    value: str
+    confidence: float
+    scores: dict[str, float]
+
+
+class ImageInfo(BaseModel):
+    uri: str
+    etag: str
+    bytes: int
+    width: int
+    height: int
+
+
+class ModelInfo(BaseModel):
+    architecture: str
+    version: str = Field(description="Registry version, or 'zero-shot' for the base model")
+    mode: Literal["fine_tuned", "zero_shot"]
+    weights_sha256: str
+    taxonomy_version: str
+
+
+class ResultRecord(BaseModel):
+    """The result file at s3://<bucket>/<results-prefix>/<category>/<product_id>.json."""
+
+    schema_version: Literal[1] = RESULT_SCHEMA_VERSION
+    event_id: str
+    product_id: str
+    category: str
+    image: ImageInfo
+    model: ModelInfo
+    attributes: dict[str, AttributeResult]
+    timings: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fetch/decode/queue/model ms and finished_at: the only part that varies on re-run",
+    )
+
+    def content_fingerprint(self) -> dict[str, Any]:
+        """Everything but timings: equal for a redelivered event."""
+        return self.model_dump(mode="json", exclude={"timings"})
+
+
+ErrorCode = Literal[
+    "malformed_event",
+    "event_too_large",
+    "unknown_category",
+    "bucket_not_allowed",
+    "object_missing",
+    "image_too_large",
+    "image_too_many_pixels",
+    "undecodable_image",
+    "transient_exhausted",
+    "internal_error",
+]
+
+
+class DeadLetter(BaseModel):
+    """Why an event produced no result. Written to S3 and to the dead-letter stream."""
+
+    schema_version: Literal[1] = DEAD_LETTER_SCHEMA_VERSION
+    event_id: str
+    product_id: str | None
+    category: str | None
+    error_code: ErrorCode
+    message: str
+    attempts: int
+    event: Any = Field(description="The event as received (truncated if huge)")
+    failed_at: datetime = Field(default_factory=utcnow)
+    worker: str = ""
+
+
+class LabelRecord(BaseModel):
+    """A human label for one product image."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal[1] = LABEL_SCHEMA_VERSION
+    product_id: str = Field(pattern=_ID)
+    category: str = Field(min_length=1, max_length=64)
+    image: str
+    attributes: dict[str, str] = Field(min_length=1)
+    labeled_at: datetime = Field(default_factory=utcnow)
+
+    @field_validator("image")
+    @classmethod
+    def _s3(cls, uri: str) -> str:
+        parse_s3_uri(uri)
+        return uri
+
+
+def result_key(results_prefix: str, category: str, product_id: str) -> str:
+    """Key of a product's result file. Deterministic, so redelivery overwrites in place."""
+    return f"{results_prefix.strip('/')}/{category}/{product_id}.json"
+
+
+def dead_letter_key(prefix: str, failed_at: datetime, event_id: str) -> str:
+    """Key of a dead-letter record, grouped by day for operators."""
+    return f"{prefix.strip('/')}/{failed_at:%Y-%m-%d}/{event_id}.json"

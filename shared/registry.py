@@ -1,0 +1,130 @@
+"""Model registry in object storage.
+
+Layout, per category::
+
+    models/<category>/<version>/model.safetensors   immutable weights
+    models/<category>/<version>/manifest.json       what they are (sha256 included)
+    models/<category>/<version>/report.json, *.png  the training report
+    models/<category>/CURRENT                       {"version": ...}: the serving version
+    models/<category>/promotions/<ts>-<version>.json  append-only promotion history
+
+A version is uploaded whole before CURRENT is flipped to it, with one PUT (atomic in S3),
+so a reader sees the old version or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from shared.storage import ObjectMissing, ObjectStore
+
+MANIFEST_SCHEMA_VERSION = 1
+
+
+class Manifest(BaseModel):
+    schema_version: int = MANIFEST_SCHEMA_VERSION
+    category: str
+    version: str
+    architecture: str
+    base_weights: str
+    taxonomy_version: str
+    values: dict[str, list[str]] = Field(description="attribute -> value names, in head order")
+    captions: dict[str, list[str]] = Field(description="attribute -> caption texts, in value order")
+    caption_template: str | None = None
+    weights_sha256: str
+    weights_bytes: int
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    labels_snapshot: dict[str, Any] = Field(default_factory=dict)
+    test_set_key: str | None = None
+    parent_version: str | None = None
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    training: dict[str, Any] = Field(default_factory=dict)
+
+
+class Pointer(BaseModel):
+    version: str
+    updated_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    reason: str = ""
+    previous: str | None = None
+
+
+def new_version() -> str:
+    """Sortable, unique version id: v<UTC time>-<random>."""
+    return f"v{datetime.now(UTC):%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
+
+
+class ModelRegistry:
+    """Read and write the registry layout above in one bucket."""
+
+    def __init__(self, store: ObjectStore, bucket: str, prefix: str = "models") -> None:
+        self.store = store
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+
+    def key(self, category: str, *parts: str) -> str:
+        return "/".join([self.prefix, category, *parts])
+
+    def weights_uri(self, category: str, version: str) -> str:
+        return f"s3://{self.bucket}/{self.key(category, version, 'model.safetensors')}"
+
+    def current(self, category: str) -> Pointer | None:
+        """The serving version's pointer, or None if the category has never been promoted."""
+        try:
+            body = self.store.get(self.bucket, self.key(category, "CURRENT"), max_bytes=65536).body
+        except ObjectMissing:
+            return None
+        return Pointer.model_validate_json(body)
+
+    def manifest(self, category: str, version: str) -> Manifest:
+        body = self.store.get(self.bucket, self.key(category, version, "manifest.json"), max_bytes=4 << 20).body
+        return Manifest.model_validate_json(body)
+
+    def versions(self, category: str) -> list[str]:
+        """All versions that have a manifest, oldest first."""
+        keys = self.store.list_keys(self.bucket, self.key(category) + "/")
+        suffix = "/manifest.json"
+        return sorted(k.split("/")[-2] for k in keys if k.endswith(suffix))
+
+    def categories(self) -> list[str]:
+        keys = self.store.list_keys(self.bucket, self.prefix + "/")
+        return sorted({k.split("/")[1] for k in keys if k.count("/") >= 2})
+
+    def upload_version(
+        self, manifest: Manifest, weights: bytes, extra_files: dict[str, tuple[bytes, str]] | None = None
+    ) -> None:
+        """Upload an immutable version: extra files, then weights, then the manifest last."""
+        cat, ver = manifest.category, manifest.version
+        for name, (body, content_type) in (extra_files or {}).items():
+            self.store.put(self.bucket, self.key(cat, ver, name), body, content_type)
+        self.store.put(self.bucket, self.key(cat, ver, "model.safetensors"), weights, "application/octet-stream")
+        self.store.put(self.bucket, self.key(cat, ver, "manifest.json"), manifest.model_dump_json(indent=2).encode())
+
+    def promote(self, category: str, version: str, reason: str) -> Pointer:
+        """Point CURRENT at `version` (which must have a manifest) and record the promotion."""
+        self.manifest(category, version)  # raises ObjectMissing for an unknown version
+        old = self.current(category)
+        pointer = Pointer(version=version, reason=reason, previous=old.version if old else None)
+        stamp = f"{pointer.updated_at:%Y%m%dT%H%M%S%f}"
+        self.store.put(self.bucket, self.key(category, "promotions", f"{stamp}-{version}.json"), pointer.model_dump_json().encode())
+        self.store.put(self.bucket, self.key(category, "CURRENT"), pointer.model_dump_json().encode())
+        return pointer
+
+    def history(self, category: str) -> list[Pointer]:
+        """Promotions, oldest first."""
+        keys = self.store.list_keys(self.bucket, self.key(category, "promotions") + "/")
+        return [Pointer.model_validate_json(self.store.get(self.bucket, k).body) for k in keys]
+
+    def rollback(self, category: str) -> Pointer:
+        """Re-promote the version that served before the current one."""
+        current = self.current(category)
+        if current is None or current.previous is None:
+            raise ValueError(f"{category}: nothing to roll back to")
+        return self.promote(category, current.previous, reason=f"rollback from {current.version}")
+
+    def put_json(self, category: str, name: str, payload: dict[str, Any]) -> None:
+        self.store.put(self.bucket, self.key(category, name), json.dumps(payload, indent=2).encode())

