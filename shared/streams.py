@@ -34,3 +34,8 @@ class InMemoryPublisher:
     def publish(self, stream: str, fields: dict[str, Any]) -> str:
         self.entries.append((stream, dict(fields)))
         return f"{len(self.entries)}-0"
+
+
+def announce_model(client: redis.Redis, channel: str, category: str, version: str) -> int:
+    """Tell running workers that `category` now serves `version` (they also poll CURRENT)."""
+    return int(client.publish(channel, json.dumps({"category": category, "version": version})))
