@@ -78,6 +78,7 @@ class ResultRecord(BaseModel):
     event_id: str
     product_id: str
     category: str
+    submitted_at: datetime = Field(description="From the event; an older event never overwrites a newer result")
     image: ImageInfo
     model: ModelInfo
     attributes: dict[str, AttributeResult]

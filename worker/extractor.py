@@ -1,0 +1,361 @@
+"""The extraction service: one upload event in, one result file or one dead letter out.
+
+Runs in a Celery task thread. Fetch, decode and writes happen here, concurrently across
+threads; the model runs in the micro-batcher. Every path ends in `_finish_result`,
+`_dead_letter` or a retry decision: an event never ends in silence.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import socket
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+import torch
+from PIL import Image
+from pydantic import ValidationError
+
+from shared.events import (
+    AttributeResult,
+    DeadLetter,
+    ImageInfo,
+    ModelInfo,
+    ResultRecord,
+    UploadEvent,
+    dead_letter_key,
+    parse_s3_uri,
+    result_key,
+)
+from shared.imaging import ImageRejected, decode_image
+from shared.settings import Settings
+from shared.storage import ObjectMissing, ObjectStore, ObjectTooLarge, TransientStorageError
+from shared.streams import EventPublisher
+from shared.taxonomy import Taxonomy
+from worker import metrics
+from worker.batcher import BatchItem, MicroBatcher
+from worker.gpu_decode import decode_batch
+from worker.model_cache import CategoryModel, ModelCache
+
+log = structlog.get_logger()
+SCORE_DECIMALS = 4  # stable across batch composition, ample for thresholds
+
+
+class Rejected(Exception):
+    """A permanent problem with the event or its image: dead-letter it, do not retry."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Outcome:
+    status: str  # "result" | "dead_letter" | "retry" | "superseded"
+    event_id: str
+    retry_in: float | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        return {"status": self.status, "event_id": self.event_id, **self.detail}
+
+
+@dataclass
+class Prepared:
+    """A decoded, preprocessed image ready for a batch (or raw JPEG for GPU decode)."""
+
+    pixels: torch.Tensor | None
+    jpeg: bytes | None
+    size: int
+    width: int
+    height: int
+
+
+@dataclass
+class Scored:
+    model: CategoryModel
+    probabilities: dict[str, list[float]]
+    batch_size: int
+    model_ms: float
+
+
+class ExtractionService:
+    """Process upload events: validate, fetch, decode, score (batched), write, publish."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        taxonomy: Taxonomy,
+        store: ObjectStore,
+        publisher: EventPublisher,
+        models: ModelCache,
+        *,
+        lanes: int = 1,
+    ) -> None:
+        self.settings = settings
+        self.taxonomy = taxonomy
+        self.store = store
+        self.publisher = publisher
+        self.models = models
+        self.worker_name = socket.gethostname()
+        self.batcher = MicroBatcher(
+            self._run_batch, settings.batch_size, settings.batch_max_wait_ms / 1000, lanes=lanes
+        )
+
+    def close(self) -> None:
+        self.batcher.close()
+
+    # --- the whole life of one event ------------------------------------------------------
+    def process(self, raw: Any, attempt: int = 1) -> Outcome:
+        """Handle one raw event. Returns the outcome; never raises for bad input."""
+        started = time.perf_counter()
+        structlog.contextvars.clear_contextvars()
+        try:
+            event = self.parse_event(raw)
+        except Rejected as rejected:
+            return self._dead_letter(raw, None, rejected.code, str(rejected), attempt)
+        structlog.contextvars.bind_contextvars(
+            event_id=event.event_id, product_id=event.product_id, category=event.category, attempt=attempt
+        )
+        try:
+            return self._extract(event, started)
+        except Rejected as rejected:
+            return self._dead_letter(raw, event, rejected.code, str(rejected), attempt)
+        except TransientStorageError as exc:
+            metrics.RETRIES.labels(stage="storage").inc()
+            if attempt <= self.settings.max_retries:
+                delay = self.settings.retry_backoff_s * 2 ** (attempt - 1)
+                log.warning("event.transient_error", error=str(exc), retry_in_s=delay)
+                return Outcome("retry", event.event_id, retry_in=delay, detail={"error": str(exc)})
+            return self._dead_letter(
+                raw, event, "transient_exhausted", f"gave up after {attempt} attempts: {exc}", attempt
+            )
+        except Exception as exc:  # noqa: BLE001 - a bug must still end as a dead letter
+            log.exception("event.internal_error")
+            return self._dead_letter(raw, event, "internal_error", f"{type(exc).__name__}: {exc}", attempt)
+        finally:
+            metrics.STAGE_SECONDS.labels(stage="total").observe(time.perf_counter() - started)
+
+    def parse_event(self, raw: Any) -> UploadEvent:
+        """Validate the wire payload (a dict or JSON text) within the size limit."""
+        try:
+            text = raw if isinstance(raw, str | bytes) else json.dumps(raw, default=str)
+        except (TypeError, ValueError) as exc:
+            raise Rejected("malformed_event", f"event is not JSON-serialisable: {exc}") from exc
+        if len(text) > self.settings.max_event_bytes:
+            raise Rejected(
+                "event_too_large", f"event is {len(text)} bytes; the limit is {self.settings.max_event_bytes}"
+            )
+        try:
+            if isinstance(raw, str | bytes):
+                return UploadEvent.model_validate_json(raw)
+            return UploadEvent.model_validate(raw)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'event'}: {e['msg']}" for e in exc.errors()[:5]
+            )
+            raise Rejected("malformed_event", f"invalid upload event: {problems}") from exc
+
+    def _extract(self, event: UploadEvent, started: float) -> Outcome:
+        try:
+            self.taxonomy.category(event.category)
+        except KeyError as exc:
+            raise Rejected("unknown_category", str(exc.args[0])) from exc
+        bucket, key = parse_s3_uri(event.image)
+        if bucket not in self.settings.allowed_image_buckets:
+            raise Rejected(
+                "bucket_not_allowed",
+                f"bucket {bucket!r} is not in SHELFSIGHT_ALLOWED_IMAGE_BUCKETS {self.settings.allowed_image_buckets}",
+            )
+        model = self.models.get(event.category)
+        t0 = time.perf_counter()
+        try:
+            obj = self.store.get(bucket, key, max_bytes=self.settings.max_image_bytes)
+        except ObjectMissing as exc:
+            raise Rejected("object_missing", f"{exc}; was the upload deleted or the key mistyped?") from exc
+        except ObjectTooLarge as exc:
+            raise Rejected("image_too_large", str(exc)) from exc
+        t1 = time.perf_counter()
+        prepared = self.prepare(obj.body, model)
+        t2 = time.perf_counter()
+        scored: Scored = self.batcher.run(event.category, prepared)
+        t3 = time.perf_counter()
+        record = self._record(event, obj.etag, len(obj.body), prepared, scored)
+        record.timings = {
+            "fetch_ms": _ms(t1 - t0), "decode_ms": _ms(t2 - t1),
+            "queue_ms": _ms(t3 - t2 - scored.model_ms / 1000), "model_ms": round(scored.model_ms, 2),
+            "batch_size": scored.batch_size,
+        }
+        status = self._write_result(record)
+        record.timings["total_ms"] = _ms(time.perf_counter() - started)
+        metrics.STAGE_SECONDS.labels(stage="fetch").observe(t1 - t0)
+        metrics.STAGE_SECONDS.labels(stage="decode").observe(t2 - t1)
+        metrics.STAGE_SECONDS.labels(stage="batch").observe(t3 - t2)
+        metrics.EVENTS.labels(outcome=status, category=event.category).inc()
+        log.info("event.done", status=status, version=record.model.version,
+                 **{a: r.value for a, r in record.attributes.items()})
+        return Outcome(status, event.event_id, detail={
+            "result": f"s3://{self.settings.bucket}/{result_key(self.settings.results_prefix, event.category, event.product_id)}",
+            "version": record.model.version,
+        })
+
+    # --- stages ---------------------------------------------------------------------------
+    def prepare(self, data: bytes, model: CategoryModel) -> Prepared:
+        """Check limits and decode; on CUDA, JPEGs go to nvJPEG in the batch instead."""
+        if self._gpu_decode(model) and data[:3] == b"\xff\xd8\xff":
+            try:
+                with Image.open(io.BytesIO(data)) as header:  # header only: no pixels decoded
+                    width, height = header.size
+            except Exception as exc:  # noqa: BLE001
+                raise Rejected("undecodable_image", f"cannot read JPEG header: {exc}") from exc
+            if width * height > self.settings.max_image_pixels:
+                raise Rejected("image_too_many_pixels",
+                               f"image is {width}x{height}; the limit is {self.settings.max_image_pixels} pixels")
+            return Prepared(None, data, model.image_size, width, height)
+        try:
+            image = decode_image(
+                data, max_bytes=self.settings.max_image_bytes, max_pixels=self.settings.max_image_pixels,
+                draft_size=model.image_size,
+            )
+        except ImageRejected as exc:
+            raise Rejected(exc.code, str(exc)) from exc
+        return Prepared(model.preprocess(image), None, model.image_size, *image.size)
+
+    def _gpu_decode(self, model: CategoryModel) -> bool:
+        return self.settings.decode_on_gpu and model.device.type == "cuda"
+
+    def _run_batch(self, category: str, items: list[BatchItem]) -> list[Scored]:
+        """Runs in a batcher lane: one model reference for the whole batch."""
+        model = self.models.get(category)
+        started = time.perf_counter()
+        prepared: list[Prepared] = [item.payload for item in items]
+        if any(p.size != model.image_size for p in prepared):
+            raise TransientStorageError("model input size changed by a swap; retrying the event")
+        if all(p.jpeg is not None for p in prepared):
+            pixels = decode_batch([p.jpeg for p in prepared], model.image_size, model.mean, model.std, model.device)  # type: ignore[misc]
+        else:
+            pixels = torch.stack([
+                p.pixels if p.pixels is not None
+                else decode_batch([p.jpeg], model.image_size, model.mean, model.std, torch.device("cpu"))[0]  # type: ignore[list-item]
+                for p in prepared
+            ])
+            if model.device.type == "cuda":
+                pixels = pixels.pin_memory()
+        probabilities = model.score(pixels)
+        rows = {name: probs.cpu().tolist() for name, probs in probabilities.items()}
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        metrics.BATCH_SIZE.observe(len(items))
+        metrics.STAGE_SECONDS.labels(stage="model").observe(elapsed_ms / 1000)
+        return [
+            Scored(model, {name: rows[name][i] for name in rows}, len(items), elapsed_ms)
+            for i in range(len(items))
+        ]
+
+    def _record(self, event: UploadEvent, etag: str, nbytes: int, prepared: Prepared, scored: Scored) -> ResultRecord:
+        model = scored.model
+        attributes = {}
+        for head in model.heads:
+            probs = scored.probabilities[head.name]
+            best = max(range(len(probs)), key=probs.__getitem__)
+            attributes[head.name] = AttributeResult(
+                value=head.values[best],
+                confidence=round(probs[best], SCORE_DECIMALS),
+                scores={v: round(p, SCORE_DECIMALS) for v, p in zip(head.values, probs, strict=True)},
+            )
+        return ResultRecord(
+            event_id=event.event_id, product_id=event.product_id, category=event.category,
+            submitted_at=event.submitted_at,
+            image=ImageInfo(uri=event.image, etag=etag, bytes=nbytes, width=prepared.width, height=prepared.height),
+            model=ModelInfo(architecture=model.architecture, version=model.version, mode=model.mode,  # type: ignore[arg-type]
+                            weights_sha256=model.weights_sha256, taxonomy_version=model.taxonomy_version),
+            attributes=attributes,
+        )
+
+    # --- endings --------------------------------------------------------------------------
+    def _write_result(self, record: ResultRecord) -> str:
+        """Idempotent write: identical content is not rewritten; an older event never overwrites a newer one."""
+        key = result_key(self.settings.results_prefix, record.category, record.product_id)
+        existing = self._existing_result(key)
+        if existing is not None and existing.submitted_at > record.submitted_at:
+            log.info("result.superseded", newer_event_id=existing.event_id)
+            return "superseded"
+        t0 = time.perf_counter()
+        if existing is not None and existing.content_fingerprint() == record.content_fingerprint():
+            log.info("result.duplicate_kept")  # redelivery: the file already says exactly this
+        else:
+            record.timings["finished_at"] = datetime.now(UTC).isoformat()
+            self.store.put(self.settings.bucket, key, record.model_dump_json(indent=2).encode())
+        record.timings["write_ms"] = _ms(time.perf_counter() - t0)
+        self.publisher.publish(self.settings.results_stream, {
+            "event_id": record.event_id, "product_id": record.product_id, "category": record.category,
+            "result": f"s3://{self.settings.bucket}/{key}", "model_version": record.model.version,
+            "image_etag": record.image.etag,
+        })
+        metrics.STAGE_SECONDS.labels(stage="write").observe(time.perf_counter() - t0)
+        return "result"
+
+    def _existing_result(self, key: str) -> ResultRecord | None:
+        try:
+            body = self.store.get(self.settings.bucket, key, max_bytes=4 << 20).body
+        except ObjectMissing:
+            return None
+        try:
+            return ResultRecord.model_validate_json(body)
+        except ValidationError:
+            log.warning("result.unreadable_existing", key=key)
+            return None
+
+    def _dead_letter(
+        self, raw: Any, event: UploadEvent | None, code: str, message: str, attempt: int
+    ) -> Outcome:
+        event_id = event.event_id if event else _payload_id(raw)
+        letter = DeadLetter(
+            event_id=event_id,
+            product_id=event.product_id if event else _field(raw, "product_id"),
+            category=event.category if event else _field(raw, "category"),
+            error_code=code,  # type: ignore[arg-type]
+            message=message,
+            attempts=attempt,
+            event=_truncate(raw, self.settings.max_event_bytes),
+            worker=self.worker_name,
+        )
+        key = dead_letter_key(self.settings.dead_letter_prefix, letter.failed_at, event_id)
+        self.store.put(self.settings.bucket, key, letter.model_dump_json(indent=2).encode())
+        self.publisher.publish(self.settings.dead_letter_stream, {
+            "event_id": event_id, "error_code": code, "message": message[:1000],
+            "record": f"s3://{self.settings.bucket}/{key}", "attempts": str(attempt),
+        })
+        metrics.DEAD_LETTERS.labels(code=code).inc()
+        metrics.EVENTS.labels(outcome="dead_letter", category=letter.category or "?").inc()
+        log.warning("event.dead_lettered", error_code=code, reason=message, record=key)
+        return Outcome("dead_letter", event_id, detail={"error_code": code, "message": message, "record": key})
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 2)
+
+
+def _payload_id(raw: Any) -> str:
+    """An id for a payload too broken to carry its own event_id: stable per payload."""
+    found = _field(raw, "event_id")
+    if found and all(c.isalnum() or c in "-_.:" for c in found) and len(found) <= 128:
+        return found
+    text = raw if isinstance(raw, str) else json.dumps(raw, default=str, sort_keys=True)
+    return "malformed-" + hashlib.sha256(str(text).encode()).hexdigest()[:16]
+
+
+def _field(raw: Any, name: str) -> str | None:
+    value = raw.get(name) if isinstance(raw, dict) else None
+    return str(value)[:128] if value is not None else None
+
+
+def _truncate(raw: Any, limit: int) -> Any:
+    text = raw if isinstance(raw, str) else json.dumps(raw, default=str)
+    if len(text) <= limit:
+        return raw
+    return {"truncated": True, "bytes": len(text), "head": str(text)[:limit]}
