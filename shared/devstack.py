@@ -1,0 +1,510 @@
+"""The embedded dev stack: Redis, an S3 server (moto), the workers and Flower on loopback.
+
+Every process runs in its own process group (session) and logs to
+`<state-dir>/logs/<name>.log`. `<state-dir>/state.json` records pids, ports and the
+environment a shell needs, so that `shelfsight dev down` (another process) can stop the
+stack, process groups included, and `shelfsight dev env` can print the exports again.
+
+    with start_stack(Path(".shelfsight/dev"), worker=False) as stack:
+        os.environ.update(stack.env)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+import structlog
+from pydantic import SecretStr
+
+from shared.services import free_port, redis_server_binary
+from shared.settings import Settings
+from shared.storage import S3ObjectStore
+
+log = structlog.get_logger()
+
+STATE_FILE = "state.json"
+S3_KEY = "test"  # moto accepts any credentials; these are the conventional dummy ones
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the directory that holds `shared/`
+SERVICE_TIMEOUT_S = 30.0
+WORKER_TIMEOUT_S = 180.0
+STOP_TIMEOUT_S = 15.0
+
+
+class DevStackError(RuntimeError):
+    """The stack could not be started or stopped; the message says what to look at."""
+
+
+@dataclass
+class ProcessInfo:
+    """One managed process: its group is what gets signalled."""
+
+    name: str
+    pid: int
+    pgid: int
+    starttime: int | None
+    log: str
+    argv: list[str]
+
+    def to_json(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class DevStack:
+    """A running stack. `.env` holds the variables a client needs; `.stop()` tears it down."""
+
+    state_dir: Path
+    env: dict[str, str] = field(default_factory=dict)
+    ports: dict[str, int] = field(default_factory=dict)
+    processes: dict[str, ProcessInfo] = field(default_factory=dict)
+    bucket: str = ""
+    _popens: list[subprocess.Popen[bytes]] = field(default_factory=list, repr=False)
+
+    @property
+    def state_path(self) -> Path:
+        return self.state_dir / STATE_FILE
+
+    def export_lines(self) -> list[str]:
+        """`export K=V` lines for `eval`, plus comment lines with the URLs."""
+        return export_lines(self.env, self.ports)
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """Stop every process group of this stack and remove state.json (idempotent)."""
+        try:
+            survivors = _stop_processes(list(self.processes.values()), timeout_s, self._popens)
+        finally:
+            self._reap()
+        if survivors:
+            raise DevStackError(f"dev stack in {self.state_dir}: {survivors} survived SIGKILL; "
+                                f"state.json is kept")
+        self.state_path.unlink(missing_ok=True)
+
+    def _reap(self) -> None:
+        for popen in self._popens:
+            with contextlib.suppress(Exception):
+                popen.wait(timeout=0.1)
+
+    def __enter__(self) -> DevStack:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    def write_state(self, status: str) -> None:
+        """Write state.json atomically (temp file + rename)."""
+        payload = {
+            "status": status,
+            "started_at": time.time(),
+            "bucket": self.bucket,
+            "ports": self.ports,
+            "env": self.env,
+            "processes": {name: info.to_json() for name, info in self.processes.items()},
+        }
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(payload, indent=2))
+        os.replace(tmp, self.state_path)
+
+
+# --- process helpers -----------------------------------------------------------------------------
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/<pid>/stat after the command name, or None if there is no such process."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    return raw.rsplit(")", 1)[1].split()  # [state, ppid, pgrp, ...]
+
+
+def _starttime(pid: int) -> int | None:
+    stat = _proc_stat(pid)
+    return int(stat[19]) if stat and len(stat) > 19 else None
+
+
+def pid_alive(pid: int, starttime: int | None = None) -> bool:
+    """True if `pid` runs and is not a zombie (and, if given, started at `starttime`)."""
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)  # reap it if it is our own dead child
+    stat = _proc_stat(pid)
+    if stat is None:
+        if Path("/proc/self/stat").exists():
+            return False
+        try:  # no procfs: fall back to signal 0
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    if stat[0] in ("Z", "X"):
+        return False
+    return starttime is None or _starttime(pid) == starttime
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) pids in process group `pgid`."""
+    proc = Path("/proc")
+    if not proc.exists():
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return []
+        return [pgid]
+    members = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        stat = _proc_stat(int(entry.name))
+        if stat and stat[0] not in ("Z", "X") and int(stat[2]) == pgid:
+            members.append(int(entry.name))
+    return members
+
+
+def _leader_reused(info: ProcessInfo) -> bool:
+    """True if the recorded pid now belongs to a different, live process."""
+    stat = _proc_stat(info.pid)
+    if stat is None or stat[0] in ("Z", "X") or info.starttime is None:
+        return False
+    return _starttime(info.pid) != info.starttime
+
+
+def _signal_group(info: ProcessInfo, sig: signal.Signals) -> None:
+    """Signal the whole group, unless its leader pid now belongs to an unrelated process."""
+    if _leader_reused(info):
+        log.warning("devstack.pid_reused", name=info.name, pid=info.pid)
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(info.pgid, sig)
+
+
+def _stop_processes(infos: list[ProcessInfo], timeout_s: float,
+                    popens: list[subprocess.Popen[bytes]] | None = None) -> list[str]:
+    """SIGTERM every group (in reverse start order), wait, SIGKILL survivors. Returns survivors."""
+    for info in reversed(infos):
+        _signal_group(info, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for popen in popens or []:
+            with contextlib.suppress(Exception):
+                popen.poll()
+        if not any(group_members(info.pgid) for info in infos):
+            break
+        time.sleep(0.1)
+    for info in infos:
+        if group_members(info.pgid):
+            log.warning("devstack.kill", name=info.name, pgid=info.pgid)
+            _signal_group(info, signal.SIGKILL)
+    time.sleep(0.1)
+    for popen in popens or []:
+        with contextlib.suppress(Exception):
+            popen.wait(timeout=2)
+    return [info.name for info in infos if group_members(info.pgid)]
+
+
+def port_open(port: int) -> bool:
+    """True if something accepts connections on 127.0.0.1:port."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.3):
+            return True
+    except OSError:
+        return False
+
+
+def _child_env(overrides: dict[str, str]) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(overrides)
+    return env
+
+
+def _launch(stack: DevStack, name: str, argv: list[str], env: dict[str, str]) -> ProcessInfo:
+    """Start one process in a new session, logging to <state-dir>/logs/<name>.log."""
+    log_path = stack.state_dir / "logs" / f"{name}.log"
+    with log_path.open("ab") as out:
+        popen = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            env=_child_env(env), start_new_session=True,
+        )
+    stack._popens.append(popen)
+    info = ProcessInfo(name=name, pid=popen.pid, pgid=popen.pid, starttime=_starttime(popen.pid),
+                       log=str(log_path), argv=argv)
+    stack.processes[name] = info
+    stack.write_state("starting")  # so `dev down` can clean up even if `up` is killed now
+    log.info("devstack.started", name=name, pid=popen.pid, log=str(log_path))
+    return info
+
+
+def _wait(info: ProcessInfo, what: str, check: Callable[[], bool], timeout_s: float) -> None:
+    """Poll `check` until true; fail early if the process died, with a pointer to its log."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not pid_alive(info.pid):
+            raise DevStackError(f"{info.name} exited while starting; see its log: {info.log}\n"
+                                f"{_tail(info.log)}")
+        with contextlib.suppress(Exception):
+            if check():
+                return
+        time.sleep(0.2)
+    raise DevStackError(f"{info.name} not {what} after {timeout_s:.0f}s; see its log: {info.log}\n"
+                        f"{_tail(info.log)}")
+
+
+def _tail(path: str, lines: int = 15) -> str:
+    try:
+        text = Path(path).read_text(errors="replace").splitlines()[-lines:]
+    except OSError:
+        return ""
+    return "\n".join(f"    | {line}" for line in text)
+
+
+# --- readiness checks ----------------------------------------------------------------------------
+
+
+def _redis_ping(port: int) -> bool:
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
+    try:
+        return bool(client.ping())
+    finally:
+        client.close()
+
+
+def _celery_ping(broker_url: str, prefix: str) -> bool:
+    """True once a worker whose hostname starts with `prefix` answers a control ping."""
+    from celery import Celery
+
+    app = Celery("devstack-ping", broker=broker_url)
+    try:
+        replies = app.control.ping(timeout=1.0) or []
+    finally:
+        app.close()
+    return any(name.startswith(prefix) for reply in replies for name in reply)
+
+
+def _http_status(url: str, auth: str | None = None) -> int:
+    """HTTP status of a GET (4xx/5xx included), with optional `user:password` basic auth."""
+    import base64
+
+    request = urllib.request.Request(url)
+    if auth:
+        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=2) as resp:  # noqa: S310 - loopback only
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+# --- the stack -----------------------------------------------------------------------------------
+
+
+def stack_env(redis_port: int, s3_port: int, bucket: str) -> dict[str, str]:
+    """The variables that point shelfsight (and the AWS CLI) at the dev stack."""
+    return {
+        "SHELFSIGHT_BROKER_URL": f"redis://127.0.0.1:{redis_port}/0",
+        "SHELFSIGHT_RESULT_BACKEND": f"redis://127.0.0.1:{redis_port}/1",
+        "SHELFSIGHT_S3_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}",
+        "SHELFSIGHT_S3_ACCESS_KEY_ID": S3_KEY,
+        "SHELFSIGHT_S3_SECRET_ACCESS_KEY": S3_KEY,
+        "SHELFSIGHT_BUCKET": bucket,
+        "SHELFSIGHT_ALLOWED_IMAGE_BUCKETS": json.dumps([bucket]),
+        "AWS_ACCESS_KEY_ID": S3_KEY,
+        "AWS_SECRET_ACCESS_KEY": S3_KEY,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}",
+    }
+
+
+def export_lines(env: dict[str, str], ports: dict[str, int]) -> list[str]:
+    """Shell-quoted `export` lines, preceded by comments naming the URLs."""
+    lines = [f"# shelfsight dev stack: redis 127.0.0.1:{ports.get('redis')}, "
+             f"s3 http://127.0.0.1:{ports.get('s3')}"]
+    if "flower" in ports:
+        lines.append(f"# flower: http://127.0.0.1:{ports['flower']}/ "
+                     "(basic auth: SHELFSIGHT_FLOWER_BASIC_AUTH, default admin:shelfsight)")
+    lines += [f"export {key}={shlex.quote(value)}" for key, value in env.items()]
+    return lines
+
+
+def _passthrough_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith("SHELFSIGHT_")}
+
+
+def load_state(state_dir: Path) -> dict | None:
+    """The parsed state.json of `state_dir`, or None if there is none."""
+    path = state_dir / STATE_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as exc:
+        raise DevStackError(f"{path} is not valid JSON ({exc}); stop leftover processes by hand "
+                            "and delete it") from exc
+
+
+def _infos(state: dict) -> list[ProcessInfo]:
+    return [ProcessInfo(**info) for info in state.get("processes", {}).values()]
+
+
+def alive_processes(state: dict) -> dict[str, bool]:
+    """name -> whether that process (or anything in its group) still runs."""
+    return {info.name: pid_alive(info.pid, info.starttime) or bool(group_members(info.pgid))
+            for info in _infos(state)}
+
+
+@contextlib.contextmanager
+def _lock(state_dir: Path) -> Iterator[None]:
+    """Exclusive lock so two `dev up`/`dev down` on one state dir cannot interleave."""
+    with (state_dir / ".lock").open("w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DevStackError(f"another `shelfsight dev` command is using {state_dir}") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def start_stack(state_dir: Path, *, worker: bool = True, trainer: bool = False, flower: bool = True,
+                extra_env: dict[str, str] | None = None, settings: Settings | None = None,
+                timeout_s: float = WORKER_TIMEOUT_S) -> DevStack:
+    """Start Redis, moto S3 (with the bucket), and optionally worker, trainer and Flower.
+
+    Returns once everything answers. `extra_env` is applied last to every child's
+    environment (and to `.env` when it sets SHELFSIGHT_* variables). On any failure, what was
+    started is stopped again and DevStackError says which log to read. Refuses to start a
+    second stack in a state dir whose stack is still alive.
+    """
+    settings = settings or Settings()
+    state_dir = Path(state_dir).resolve()
+    (state_dir / "logs").mkdir(parents=True, exist_ok=True)
+    extra_env = dict(extra_env or {})
+    with _lock(state_dir):
+        _clear_stale(state_dir)
+        stack = DevStack(state_dir=state_dir, bucket=extra_env.get("SHELFSIGHT_BUCKET", settings.bucket))
+        try:
+            _start_all(stack, settings, extra_env, worker=worker, trainer=trainer, flower=flower,
+                       timeout_s=timeout_s)
+        except BaseException as exc:
+            log.error("devstack.start_failed", error=(str(exc) or type(exc).__name__).splitlines()[0])
+            try:
+                stack.stop()
+            except DevStackError as stop_exc:
+                log.error("devstack.teardown_failed", error=str(stop_exc))
+            if isinstance(exc, Exception) and not isinstance(exc, DevStackError):
+                raise DevStackError(f"dev stack failed to start: {exc}") from exc
+            raise
+        stack.write_state("up")
+    log.info("devstack.up", state_dir=str(state_dir), ports=stack.ports)
+    return stack
+
+
+def _clear_stale(state_dir: Path) -> None:
+    state = load_state(state_dir)
+    if state is None:
+        return
+    alive = alive_processes(state)
+    if any(alive.values()):
+        running = ", ".join(name for name, up in alive.items() if up)
+        raise DevStackError(f"a dev stack is already running in {state_dir} ({running}); "
+                            "run `shelfsight dev down` first, or use another --state-dir")
+    log.info("devstack.stale_state_removed", state_dir=str(state_dir))
+    (state_dir / STATE_FILE).unlink(missing_ok=True)
+
+
+def _start_all(stack: DevStack, settings: Settings, extra_env: dict[str, str], *, worker: bool,
+               trainer: bool, flower: bool, timeout_s: float) -> None:
+    redis_port, s3_port = free_port(), free_port()
+    stack.ports = {"redis": redis_port, "s3": s3_port}
+    stack.env = stack_env(redis_port, s3_port, stack.bucket)
+    stack.env.update({k: v for k, v in extra_env.items() if k.startswith("SHELFSIGHT_")})
+    child_env = {**_passthrough_env(), **stack.env, **extra_env}
+
+    info = _launch(stack, "redis", [
+        redis_server_binary(), "--port", str(redis_port), "--bind", "127.0.0.1",
+        "--save", "", "--appendonly", "no",
+    ], child_env)
+    _wait(info, "answering PING", lambda: _redis_ping(redis_port), SERVICE_TIMEOUT_S)
+
+    info = _launch(stack, "s3", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
+                                 "-p", str(s3_port)], child_env)
+    _wait(info, "listening", lambda: port_open(s3_port), SERVICE_TIMEOUT_S)
+    s3_settings = settings.model_copy(update={
+        "s3_endpoint_url": stack.env["SHELFSIGHT_S3_ENDPOINT_URL"],
+        "s3_access_key_id": SecretStr(S3_KEY),
+        "s3_secret_access_key": SecretStr(S3_KEY),
+    })
+    S3ObjectStore(s3_settings).ensure_bucket(stack.bucket)
+
+    broker = stack.env["SHELFSIGHT_BROKER_URL"]
+    cli = [sys.executable, "-m", "shared.cli"]
+    if worker:
+        info = _launch(stack, "worker", [*cli, "worker"], child_env)
+        _wait(info, "answering celery ping", lambda: _celery_ping(broker, "extract@"), timeout_s)
+    if trainer:
+        info = _launch(stack, "trainer", [*cli, "trainer"], child_env)
+        _wait(info, "answering celery ping", lambda: _celery_ping(broker, "trainer@"), timeout_s)
+    if flower:
+        port = free_port()
+        stack.ports["flower"] = port
+        flower_env = {**child_env,
+                      "SHELFSIGHT_FLOWER_BASIC_AUTH": settings.flower_basic_auth.get_secret_value(),
+                      **extra_env}
+        info = _launch(stack, "flower", [*cli, "flower", "--port", str(port)], flower_env)
+        _wait(info, "serving HTTP",
+              lambda: _http_status(f"http://127.0.0.1:{port}/healthcheck") == 200, SERVICE_TIMEOUT_S)
+
+
+def stop_stack(state_dir: Path, timeout_s: float = STOP_TIMEOUT_S) -> bool:
+    """Stop the stack recorded in `state_dir`. False if there was none (not an error).
+
+    Raises DevStackError if a process group or a port survives SIGKILL.
+    """
+    state_dir = Path(state_dir).resolve()
+    if not state_dir.exists():
+        return False
+    with _lock(state_dir):
+        state = load_state(state_dir)
+        if state is None:
+            return False
+        infos = _infos(state)
+        survivors = _stop_processes(infos, timeout_s)
+        open_ports = [f"{name}:{port}" for name, port in state.get("ports", {}).items()
+                      if _wait_port_closed(int(port))]
+        if survivors or open_ports:
+            raise DevStackError(f"dev stack in {state_dir} did not stop cleanly: processes "
+                                f"{survivors or 'none'} still running, ports {open_ports or 'none'} "
+                                "still open; state.json is kept so you can retry")
+        (state_dir / STATE_FILE).unlink(missing_ok=True)
+    log.info("devstack.down", state_dir=str(state_dir))
+    return True
+
+
+def _wait_port_closed(port: int, timeout_s: float = 3.0) -> bool:
+    """True if the port is STILL open after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while port_open(port):
+        if time.monotonic() > deadline:
+            return True
+        time.sleep(0.1)
+    return False
