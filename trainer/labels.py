@@ -1,0 +1,270 @@
+"""The label log: validate label lines, append them to S3, read back the latest label per product.
+
+Storage is append-only. Each import batch becomes immutable JSONL objects, one per category:
+
+    <labels_prefix>/<category>/<UTC timestamp>-<random>.jsonl
+
+Nothing is ever rewritten. Reading a category means reading all its objects, in key order
+(timestamp first, so import order), and keeping for each product the label with the latest
+``labeled_at``; ties go to the later import, then to the later line.
+
+Rejections are never silent: each bad line comes back with its 1-based line number and the
+reason (malformed JSON, schema error, unknown category/attribute/value, missing image). The
+good lines of a file with bad lines are still stored; the caller reports the rejections
+(the CLI exits non-zero).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from pydantic import ValidationError
+
+from shared.events import LabelRecord, parse_s3_uri
+from shared.storage import ObjectStore
+from shared.taxonomy import Taxonomy
+
+log = structlog.get_logger()
+
+_EXISTS_THREADS = 16
+
+
+class LabelFileTooLarge(ValueError):
+    """The label file exceeds settings.max_label_file_bytes; nothing was imported."""
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A label line that was not imported, and why."""
+
+    line: int
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"line": self.line, "reason": self.reason}
+
+
+@dataclass
+class ImportResult:
+    """What an import did: counts per category, the objects written and every rejected line."""
+
+    accepted: int = 0
+    rejected: list[Rejection] = field(default_factory=list)
+    per_category: dict[str, int] = field(default_factory=dict)
+    keys: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.rejected
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "accepted": self.accepted,
+            "rejected": len(self.rejected),
+            "rejections": [r.as_dict() for r in self.rejected],
+            "per_category": dict(self.per_category),
+            "keys": list(self.keys),
+        }
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ())) or "record"
+        parts.append(f"{where}: {err.get('msg')}")
+    return "; ".join(parts)
+
+
+def parse_line(raw: str | Mapping[str, Any], taxonomy: Taxonomy) -> LabelRecord:
+    """One label from a JSON line or dict, validated against the schema and the taxonomy.
+
+    Raises ValueError with a reason a person can act on.
+    """
+    if isinstance(raw, str):
+        try:
+            payload = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"malformed JSON: {exc.msg} at column {exc.colno}") from None
+    else:
+        payload = raw
+    if not isinstance(payload, Mapping):
+        raise ValueError(f"a label must be a JSON object, got {type(payload).__name__}")
+    try:
+        record = LabelRecord.model_validate(payload)
+    except ValidationError as exc:
+        raise ValueError(f"invalid label: {_describe(exc)}") from None
+    try:
+        taxonomy.check_labels(record.category, record.attributes)
+    except KeyError as exc:
+        raise ValueError(str(exc.args[0])) from None
+    return record
+
+
+def _iter_lines(source: bytes | str | Sequence[Mapping[str, Any]]) -> Iterable[tuple[int, str | Mapping[str, Any]]]:
+    """(1-based line number, raw line) pairs; blank lines are skipped but keep their numbers."""
+    if isinstance(source, bytes | str):
+        text = source.decode("utf-8", errors="replace") if isinstance(source, bytes) else source
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                yield number, line
+    else:
+        yield from enumerate(source, start=1)
+
+
+def validate_labels(
+    source: bytes | str | Sequence[Mapping[str, Any]],
+    taxonomy: Taxonomy,
+    store: ObjectStore,
+) -> tuple[list[tuple[int, LabelRecord]], list[Rejection]]:
+    """Parse and validate every line, then check each image exists. Nothing is written."""
+    parsed: list[tuple[int, LabelRecord]] = []
+    rejected: list[Rejection] = []
+    for number, raw in _iter_lines(source):
+        try:
+            parsed.append((number, parse_line(raw, taxonomy)))
+        except ValueError as exc:
+            rejected.append(Rejection(number, str(exc)))
+    uris = sorted({record.image for _, record in parsed})
+    with ThreadPoolExecutor(max_workers=min(_EXISTS_THREADS, max(1, len(uris)))) as pool:
+        found = dict(zip(uris, pool.map(lambda uri: _image_exists(store, uri), uris), strict=True))
+    accepted = []
+    for number, record in parsed:
+        if found[record.image] is True:
+            accepted.append((number, record))
+        else:
+            rejected.append(Rejection(number, str(found[record.image])))
+    rejected.sort(key=lambda r: r.line)
+    return accepted, rejected
+
+
+def _image_exists(store: ObjectStore, uri: str) -> bool | str:
+    """True, or the reason the image cannot be used."""
+    bucket, key = parse_s3_uri(uri)
+    try:
+        return True if store.exists(bucket, key) else f"image {uri} does not exist"
+    except Exception as exc:  # noqa: BLE001 - reported per line, not raised
+        return f"cannot check image {uri}: {exc}"
+
+
+def batch_key(labels_prefix: str, category: str, now: datetime | None = None) -> str:
+    """Key of a new immutable label object; sorts by time, so key order is import order."""
+    now = now or datetime.now(UTC)
+    return f"{labels_prefix.strip('/')}/{category}/{now:%Y%m%dT%H%M%S%fZ}-{secrets.token_hex(4)}.jsonl"
+
+
+def import_labels(
+    source: bytes | str | Sequence[Mapping[str, Any]],
+    *,
+    store: ObjectStore,
+    bucket: str,
+    labels_prefix: str,
+    taxonomy: Taxonomy,
+    max_bytes: int,
+) -> ImportResult:
+    """Validate labels and append the good ones to the label log; report every rejected line.
+
+    Args:
+        source: JSONL bytes/text (one label per line), or a list of label dicts.
+        store, bucket, labels_prefix: where the label log lives.
+        taxonomy: the categories, attributes and values labels must use.
+        max_bytes: a JSONL source larger than this is refused whole (LabelFileTooLarge).
+
+    Returns:
+        ImportResult with accepted/rejected counts, rejections (line, reason), keys written.
+    """
+    if isinstance(source, bytes | str):
+        size = len(source.encode() if isinstance(source, str) else source)
+        if size > max_bytes:
+            raise LabelFileTooLarge(
+                f"label file is {size} bytes; the limit is {max_bytes} "
+                "(SHELFSIGHT_MAX_LABEL_FILE_BYTES). Split it into smaller files."
+            )
+    accepted, rejected = validate_labels(source, taxonomy, store)
+    result = ImportResult(rejected=rejected)
+    by_category: dict[str, list[LabelRecord]] = {}
+    for _, record in accepted:
+        by_category.setdefault(record.category, []).append(record)
+    for category, records in sorted(by_category.items()):
+        key = batch_key(labels_prefix, category)
+        body = "".join(r.model_dump_json() + "\n" for r in records).encode()
+        store.put(bucket, key, body, content_type="application/x-ndjson")
+        result.keys.append(key)
+        result.per_category[category] = len(records)
+        result.accepted += len(records)
+    log.info(
+        "labels.imported",
+        accepted=result.accepted,
+        rejected=len(result.rejected),
+        per_category=result.per_category,
+    )
+    return result
+
+
+def label_categories(store: ObjectStore, bucket: str, labels_prefix: str) -> list[str]:
+    """Categories that have at least one label object."""
+    prefix = labels_prefix.strip("/") + "/"
+    keys = store.list_keys(bucket, prefix)
+    return sorted({k[len(prefix):].split("/")[0] for k in keys if k.endswith(".jsonl")})
+
+
+def latest_labels(records: Iterable[LabelRecord]) -> dict[str, LabelRecord]:
+    """Latest label per product: by labeled_at, ties to the later one in iteration order."""
+    latest: dict[str, LabelRecord] = {}
+    for record in records:
+        previous = latest.get(record.product_id)
+        if previous is None or record.labeled_at >= previous.labeled_at:
+            latest[record.product_id] = record
+    return latest
+
+
+def label_keys(store: ObjectStore, bucket: str, labels_prefix: str, category: str) -> list[str]:
+    """The category's label objects, in import order."""
+    prefix = f"{labels_prefix.strip('/')}/{category}/"
+    return [k for k in store.list_keys(bucket, prefix) if k.endswith(".jsonl")]
+
+
+def read_labels(store: ObjectStore, bucket: str, keys: Sequence[str]) -> list[LabelRecord]:
+    """Every label in the given objects, in key order, then line order."""
+    records: list[LabelRecord] = []
+    for key in keys:
+        for line in store.get(bucket, key).body.decode().splitlines():
+            if line.strip():
+                records.append(LabelRecord.model_validate_json(line))
+    return records
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    """The current label of each product of a category, and the label objects it came from."""
+
+    category: str
+    records: list[LabelRecord]
+    keys: list[str]
+
+    def snapshot(self) -> dict[str, Any]:
+        """What a model was trained on: label object keys, product count, digest of the labels."""
+        digest = hashlib.sha256()
+        for record in self.records:
+            digest.update(
+                json.dumps(
+                    [record.product_id, record.image, record.attributes, record.labeled_at.isoformat()],
+                    sort_keys=True,
+                ).encode()
+            )
+            digest.update(b"\n")
+        return {"keys": list(self.keys), "count": len(self.records), "sha256": digest.hexdigest()}
+
+
+def load_category_labels(store: ObjectStore, bucket: str, labels_prefix: str, category: str) -> LabelSet:
+    """The latest label of each product of a category, sorted by product id."""
+    keys = label_keys(store, bucket, labels_prefix, category)
+    latest = latest_labels(read_labels(store, bucket, keys))
+    return LabelSet(category=category, records=[latest[pid] for pid in sorted(latest)], keys=keys)
