@@ -52,6 +52,15 @@ def cmd_flower(args: argparse.Namespace, settings: Settings) -> int:
     return _celery(["flower", f"--address={args.address}", f"--port={args.port}"])
 
 
+def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    """The `make demo` job (see shared/demo.py)."""
+    from pathlib import Path
+
+    from shared.demo import run_demo
+
+    return run_demo(Path(args.state_dir))
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     parser = argparse.ArgumentParser(prog="shelfsight", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +79,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     p.add_argument("--address", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5555)
     handlers["flower"] = cmd_flower
+
+    p = sub.add_parser("demo", help="run the whole service on an embedded stack with sample products")
+    p.add_argument("--state-dir", default=".shelfsight/demo")
+    handlers["demo"] = cmd_demo
 
     from worker.cli import register as register_worker_commands
 

@@ -7,9 +7,12 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 
+import logging
+
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto server's per-request lines
 
 from shared.services import free_port, redis_server_binary, wait_for_port  # noqa: E402
 from shared.settings import Settings  # noqa: E402

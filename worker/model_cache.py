@@ -100,7 +100,7 @@ def _category_model(
     return CategoryModel(
         category=category, version=version, mode=mode, architecture=bundle.architecture,
         weights_sha256=bundle.weights_sha256, taxonomy_version=taxonomy_version, visual=visual,
-        heads=heads, logit_scale=float(bundle.model.logit_scale.exp().clamp(max=100)),
+        heads=heads, logit_scale=float(bundle.model.logit_scale.detach().exp().clamp(max=100)),
         device=bundle.device, dtype=bundle.dtype, image_size=bundle.image_size, mean=bundle.mean,
         std=bundle.std, preprocess=bundle.preprocess, nbytes=head_bytes + (0 if shared_tower else module_bytes(visual)),
         pointer_time=pointer_time, shared_tower=shared_tower,
