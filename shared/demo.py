@@ -59,7 +59,7 @@ def print_table(products: list[SampleProduct], results: dict[str, dict]) -> floa
             right, total = right + ok, total + 1
             cells.append(f"{attr}={got['value']} ({got['confidence']:.2f}){'' if ok else ' ✗ truth ' + truth}")
         rows.append(f"{product.product_id:<16} {product.category:<5} {result['model']['version']:<24} " + "; ".join(cells))
-    print(f"{"product":<16} {'cat':<5} {'model version':<24} extracted features")
+    print(f"{'product':<16} {'cat':<5} {'model version':<24} extracted features")
     print("\n".join(rows))
     accuracy = right / total if total else 0.0
     print(f"attribute accuracy against the images' known truth: {right}/{total} = {accuracy:.2f}")

@@ -22,7 +22,6 @@ from typing import Any
 import open_clip
 import torch
 from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import load_file as load_safetensors_file
 
 from shared.events import parse_s3_uri
 from shared.storage import ObjectStore
