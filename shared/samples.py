@@ -277,7 +277,7 @@ def _render_pan(attributes: dict[str, str], rng: random.Random, size: int) -> Im
     if has_handle:
         hx = side * rx * 0.96
         far = (hx + side * handle_len * math.cos(handle_tilt), top_y + 0.03 - handle_len * math.sin(handle_tilt))
-        normal = (0.022 * math.sin(handle_tilt), 0.022 * math.cos(handle_tilt) * side * side)
+        normal = (0.022 * math.sin(handle_tilt), 0.022 * math.cos(handle_tilt))
         handle = [(hx, top_y + 0.01), (hx, top_y + 0.06), (far[0] + normal[0] * side, far[1] + normal[1]),
                   (far[0] - normal[0] * side, far[1] - normal[1])]
         draw.polygon(frame.poly(handle), fill=handle_colour, outline=_shade(handle_colour, 0.6))
