@@ -1,0 +1,101 @@
+"""`shelfsight labels import` and `shelfsight train --wait` against real Redis/S3 and a real worker."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+from celery.contrib.testing.worker import start_worker
+
+from shared.logs import configure_logging
+from shared.registry import ModelRegistry
+from shared.samples import generate_products, upload_products
+from shared.settings import Settings
+from shared.storage import S3ObjectStore
+from trainer import service
+from trainer.cli import register
+from trainer.labels import load_category_labels
+from worker.celery_app import create_celery_app
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def _logs_to_stderr() -> None:
+    """As the `shelfsight` entry point does: logs on stderr, so stdout carries only results."""
+    configure_logging("console", "INFO")
+
+
+def _run(settings: Settings, *argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    handlers: dict = {}
+    register(parser.add_subparsers(dest="command"), handlers)
+    args = parser.parse_args(list(argv))
+    return handlers[args.command](args, settings)
+
+
+def _label_file(tmp_path: Path, store: S3ObjectStore, settings: Settings, count: int, bad: bool) -> Path:
+    products = generate_products("pans", count, seed=3, size=64)
+    uris = upload_products(products, store, settings.bucket, "uploads")
+    lines = [json.dumps({"product_id": p.product_id, "category": "pans", "image": u, "attributes": p.attributes})
+             for p, u in zip(products, uris, strict=True)]
+    if bad:
+        lines.insert(1, json.dumps({"product_id": "x1", "category": "pans", "image": uris[0],
+                                    "attributes": {"lid": "ajar"}}))
+    path = tmp_path / "labels.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_labels_import_reports_rejected_lines_exits_1_and_keeps_the_good_ones(
+    settings: Settings, store: S3ObjectStore, tmp_path: Path, capsys
+) -> None:
+    path = _label_file(tmp_path, store, settings, 5, bad=True)
+    assert _run(settings, "labels", "import", str(path)) == 1
+    captured = capsys.readouterr()
+    assert f"{path}:2: rejected: unknown value 'ajar'" in captured.err
+    summary = json.loads(captured.out)
+    assert summary["accepted"] == 5 and summary["rejected"] == 1
+    stored = load_category_labels(store, settings.bucket, settings.labels_prefix, "pans")
+    assert len(stored.records) == 5
+
+    clean = _label_file(tmp_path, store, settings, 3, bad=False)
+    assert _run(settings, "labels", "import", str(clean)) == 0
+    assert _run(settings, "labels", "import", str(tmp_path / "missing.jsonl")) == 2
+
+
+def test_labels_import_refuses_a_file_over_the_size_limit(settings: Settings, tmp_path: Path, capsys) -> None:
+    small = settings.model_copy(update={"max_label_file_bytes": 10})
+    path = tmp_path / "big.jsonl"
+    path.write_text("x" * 11)
+    assert _run(small, "labels", "import", str(path)) == 2
+    assert "limit is 10" in capsys.readouterr().err
+
+
+def test_train_wait_follows_a_real_worker_to_the_promoted_model(
+    settings: Settings, store: S3ObjectStore, tmp_path: Path, capsys
+) -> None:
+    assert _run(settings, "labels", "import", str(_label_file(tmp_path, store, settings, 16, bad=False))) == 0
+    capsys.readouterr()
+    import trainer.tasks  # noqa: F401
+
+    app = create_celery_app(settings)
+    app.conf.imports = ["trainer.tasks"]
+    # second request while the first is queued: reported, not queued twice
+    assert _run(settings, "train", "--category", "pans") == 0
+    first_id = capsys.readouterr().out.strip()
+    assert _run(settings, "train", "--category", "pans") == 1
+    assert f"already queued or running: task {first_id}" in capsys.readouterr().err
+    with start_worker(app, pool="solo", perform_ping_check=False, queues=[settings.training_queue],
+                      shutdown_timeout=30):
+        code = _run(settings, "train", "--category", "pans", "--wait", "--timeout", "240")
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    result = json.loads(captured.out)
+    assert result["status"] == "promoted"
+    registry = ModelRegistry(store, settings.bucket, settings.models_prefix)
+    assert registry.current("pans").version == result["version"]
+    assert service.training_lock_holder(service.resources_for(settings).redis, "pans") is None
+    assert _run(settings, "train", "--category", "boats") == 2

@@ -1,0 +1,128 @@
+"""The train task end to end against a real Redis and S3 (moto): labels in, promoted model out."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import redis
+from safetensors.torch import load as load_safetensors
+
+from shared.model_factory import create_clip
+from shared.registry import ModelRegistry
+from shared.samples import generate_products, upload_products
+from shared.settings import Settings
+from shared.storage import S3ObjectStore
+from trainer import service
+from worker.celery_app import IMPORT_LABELS_TASK, TRAIN_TASK, create_celery_app
+
+pytestmark = pytest.mark.integration
+
+
+def _app(settings: Settings):  # noqa: ANN202
+    import trainer.tasks  # noqa: F401 - registers the shared tasks
+
+    return create_celery_app(settings)
+
+
+def _labels(store: S3ObjectStore, settings: Settings, count: int = 30) -> list[dict]:
+    products = generate_products("pans", count, seed=0, size=64)
+    uris = upload_products(products, store, settings.bucket, "uploads")
+    return [{"product_id": p.product_id, "category": "pans", "image": uri, "attributes": p.attributes}
+            for p, uri in zip(products, uris, strict=True)]
+
+
+def test_train_task_end_to_end_then_a_worse_challenger_is_kept_out(settings: Settings, store: S3ObjectStore) -> None:
+    app = _app(settings)
+    imported = app.tasks[IMPORT_LABELS_TASK].apply(args=[_labels(store, settings)]).get()
+    assert imported["accepted"] == 30 and imported["rejected"] == 0 and imported["retrain"] == {}
+
+    client = redis.Redis.from_url(settings.broker_url)
+    pubsub = client.pubsub()
+    pubsub.subscribe(settings.model_events_channel)
+    assert pubsub.get_message(timeout=5)["type"] == "subscribe"
+
+    result = app.tasks[TRAIN_TASK].apply(args=["pans"]).get()
+    assert result["status"] == "promoted" and result["promoted"] is True
+    assert "first model" in result["reason"]
+    version = result["version"]
+
+    registry = ModelRegistry(store, settings.bucket, settings.models_prefix)
+    assert registry.current("pans").version == version
+    manifest = registry.manifest("pans", version)
+    weights = store.get(settings.bucket, registry.key("pans", version, "model.safetensors")).body
+    assert manifest.weights_sha256 == hashlib.sha256(weights).hexdigest()
+    assert manifest.weights_bytes == len(weights)
+    assert manifest.values == {"lid": ["yes", "no"], "handle": ["yes", "no"]}
+    assert manifest.captions == {"lid": ["with lid", "without lid"], "handle": ["with handle", "without handle"]}
+    assert manifest.architecture == "shelfsight-tiny" and manifest.parent_version is None
+    assert manifest.labels_snapshot["count"] == 30 and len(manifest.labels_snapshot["sha256"]) == 64
+    assert manifest.metrics["test_macro_f1"] == pytest.approx(result["test_macro_f1"])
+    assert manifest.metrics["decision"]["promoted"] is True
+    assert sum(result["splits"].values()) == 30 and min(result["splits"].values()) >= 1
+
+    # the weights load through the one factory, verified by sha256, and equal the saved tensors
+    bundle = create_clip(manifest.architecture, registry.weights_uri("pans", version), store=store,
+                         expected_sha256=manifest.weights_sha256)
+    saved = load_safetensors(weights)
+    assert all(bundle.model.state_dict()[k].equal(v) for k, v in saved.items())
+
+    # the report sits beside the checkpoint
+    keys = set(store.list_keys(settings.bucket, registry.key("pans", version) + "/"))
+    for name in ("report.json", "loss_curves.png", "champion_vs_challenger.png", "confusion_lid.png",
+                 "confusion_handle.png"):
+        assert registry.key("pans", version, name) in keys, name
+    png = store.get(settings.bucket, registry.key("pans", version, "loss_curves.png")).body
+    assert png.startswith(b"\x89PNG")
+    report = json.loads(store.get(settings.bucket, registry.key("pans", version, "report.json")).body)
+    assert report["decision"]["promoted"] is True and report["test"]["champion"] is None
+    assert len(report["training"]["history"]) == settings.train_epochs
+
+    message = pubsub.get_message(timeout=5)
+    assert message and json.loads(message["data"]) == {"category": "pans", "version": version}
+
+    test_set = store.get(settings.bucket, registry.key("pans", "test-set.json")).body
+
+    # a challenger that cannot beat champion + margin is uploaded but not promoted, and says why
+    strict = settings.model_copy(update={"promotion_margin": 2.0})
+    second = _app(strict).tasks[TRAIN_TASK].apply(args=["pans"]).get()
+    assert second["status"] == "kept_champion" and second["promoted"] is False
+    assert second["champion_version"] == version and second["champion_test_macro_f1"] is not None
+    assert "< champion" in second["reason"]
+    assert registry.current("pans").version == version
+    loser = registry.manifest("pans", second["version"])
+    assert loser.metrics["decision"]["promoted"] is False and "margin 2.0000" in loser.metrics["decision"]["reason"]
+    assert loser.parent_version == version
+    assert store.get(settings.bucket, registry.key("pans", "test-set.json")).body == test_set  # frozen
+    assert pubsub.get_message(timeout=0.5) is None  # nothing announced
+    assert client.get(service.lock_key("pans")) is None  # lock released
+
+
+def test_a_second_training_while_locked_is_skipped_and_says_by_whom(settings: Settings, store: S3ObjectStore) -> None:
+    app = _app(settings)
+    resources = service.resources_for(settings)
+    assert service.acquire_training_lock(resources.redis, "pans", "other-task", 60) is None
+    result = app.tasks[TRAIN_TASK].apply(args=["pans"]).get()
+    assert result["status"] == "skipped" and "other-task" in result["reason"]
+    assert service.training_lock_holder(resources.redis, "pans") == "other-task"  # not stolen, not released
+
+
+def test_enough_new_labels_enqueue_one_training(settings: Settings, store: S3ObjectStore) -> None:
+    eager = settings.model_copy(update={"retrain_after_labels": 20})
+    app = _app(eager)
+    labels = _labels(store, eager, count=12)
+    first = app.tasks[IMPORT_LABELS_TASK].apply(args=[labels[:10]]).get()
+    assert first["retrain"] == {}
+    second = app.tasks[IMPORT_LABELS_TASK].apply(args=[labels]).get()  # 10 + 12 >= 20
+    queued = second["retrain"]["pans"]
+    assert queued["queued"] is True
+    resources = service.resources_for(eager)
+    assert service.training_lock_holder(resources.redis, "pans") == queued["task_id"]
+    broker = redis.Redis.from_url(eager.broker_url)
+    assert broker.llen(eager.training_queue) == 1
+    assert int(broker.get(service.new_labels_key("pans"))) == 0
+    # asking again while it is queued returns the same task instead of queueing a second
+    again = service.enqueue_training(app, resources, "pans")
+    assert again.queued is False and again.task_id == queued["task_id"]
+    assert broker.llen(eager.training_queue) == 1

@@ -1,0 +1,85 @@
+"""Celery tasks of the trainer worker (training queue). Thin: validate, call a service, log.
+
+Run them with `shelfsight trainer` (solo pool: one training at a time, owns the GPU).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import structlog
+from celery import Task, shared_task
+
+from trainer import service
+from worker.celery_app import IMPORT_LABELS_TASK, RETRAIN_ALL_TASK, TRAIN_TASK, settings_of
+
+log = structlog.get_logger()
+
+PROGRESS_INTERVAL_S = 1.0
+
+
+def _reporter(task: Task) -> service.Progress:
+    """Forward training progress to the result backend as state PROGRESS (Flower, --wait).
+
+    Steps are throttled to one update per PROGRESS_INTERVAL_S; phase changes and epoch ends
+    always go through.
+    """
+    last = 0.0
+
+    def report(meta: dict[str, Any]) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if meta.get("phase") == "step" and now - last < PROGRESS_INTERVAL_S:
+            return
+        last = now
+        if task.request.id:
+            task.update_state(state="PROGRESS", meta=meta)
+
+    return report
+
+
+@shared_task(bind=True, name=TRAIN_TASK)
+def train_category(self: Task, category: str, caption_template: str | None = None) -> dict[str, Any]:
+    """Fine-tune a challenger for `category`, gate it against the champion, publish it."""
+    resources = service.resources_for(settings_of(self.app))
+    task_id = self.request.id or ""
+    with structlog.contextvars.bound_contextvars(category=category, task_id=task_id):
+        log.info("task.train.start")
+        try:
+            result = service.train_category(
+                resources, category, owner=task_id or None, caption_template=caption_template,
+                progress=_reporter(self),
+            )
+        except Exception as exc:
+            log.error("task.train.failed", error=f"{type(exc).__name__}: {exc}")
+            raise
+        log.info("task.train.finished", status=result["status"], version=result.get("version"))
+        return result
+
+
+@shared_task(bind=True, name=IMPORT_LABELS_TASK)
+def import_labels(self: Task, labels: str | Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Import labels: a list of label dicts, or the s3:// URI of a JSONL file.
+
+    Returns accepted/rejected counts and every rejection (line number, reason); a retrain is
+    enqueued for categories that reached settings.retrain_after_labels new labels.
+    """
+    if not isinstance(labels, str | list):
+        raise TypeError("labels must be a list of label objects or an s3:// URI of a JSONL file")
+    resources = service.resources_for(settings_of(self.app))
+    with structlog.contextvars.bound_contextvars(task_id=self.request.id or ""):
+        summary = service.import_and_trigger(resources, labels, app=self.app)
+        log.info("task.labels.imported", accepted=summary["accepted"], rejected=summary["rejected"])
+        return summary
+
+
+@shared_task(bind=True, name=RETRAIN_ALL_TASK)
+def retrain_all(self: Task) -> dict[str, Any]:
+    """Celery beat: enqueue a training for every category that has labels."""
+    resources = service.resources_for(settings_of(self.app))
+    with structlog.contextvars.bound_contextvars(task_id=self.request.id or ""):
+        enqueued = service.retrain_all(self.app, resources)
+        log.info("task.retrain_all", categories=sorted(enqueued))
+        return enqueued
