@@ -147,3 +147,28 @@ def test_transient_errors_retry_with_backoff_then_dead_letter(unit_settings: Set
     store.failures = 0
     assert svc.process(_event(event_id="e2"), attempt=1).status == "result"
     svc.close()
+
+
+def test_outcomes_are_counted_in_scrapeable_prometheus_metrics(service: ExtractionService) -> None:
+    import urllib.request
+
+    from prometheus_client import REGISTRY
+
+    from shared.services import free_port
+    from worker.metrics import serve_metrics
+
+    def count(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    before_ok = count("shelfsight_events_total", outcome="result", category="pans")
+    before_dead = count("shelfsight_dead_letters_total", code="object_missing")
+    service.store.put(BUCKET, "uploads/pans/sku-1.jpg", jpeg_bytes(), "image/jpeg")
+    service.process(_event())
+    service.process(_event(product_id="gone", key="uploads/gone.jpg"))
+    assert count("shelfsight_events_total", outcome="result", category="pans") == before_ok + 1
+    assert count("shelfsight_dead_letters_total", code="object_missing") == before_dead + 1
+    port = free_port()
+    serve_metrics(port)
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert 'shelfsight_events_total{category="pans",outcome="result"}' in body
+    assert "shelfsight_batch_size_bucket" in body

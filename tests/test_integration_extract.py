@@ -96,3 +96,10 @@ def test_same_event_twice_gives_one_identical_result(running_worker, settings: S
     wait_for(lambda: client.xlen(settings.results_stream) >= 2)  # the second delivery was processed
     assert _result(store, settings, "pans", "dup") == first  # byte-for-byte the same content
     assert store.list_keys(settings.bucket, "results/pans/") == ["results/pans/dup.json"]
+
+
+def test_message_for_an_unregistered_task_is_dead_lettered(running_worker, settings: Settings) -> None:
+    running_worker.send_task("shelfsight.no_such_task", args=[{"product_id": "x"}], queue=settings.extract_queue)
+    letters = wait_for(lambda: _dead_letters(settings), timeout=60)
+    assert letters[0]["error_code"] == "malformed_event"
+    assert "no_such_task" in letters[0]["message"]

@@ -7,10 +7,8 @@ threads; the model runs in the micro-batcher. Every path ends in `_finish_result
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
-import socket
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -23,12 +21,10 @@ from pydantic import ValidationError
 
 from shared.events import (
     AttributeResult,
-    DeadLetter,
     ImageInfo,
     ModelInfo,
     ResultRecord,
     UploadEvent,
-    dead_letter_key,
     parse_s3_uri,
     result_key,
 )
@@ -39,6 +35,7 @@ from shared.streams import EventPublisher
 from shared.taxonomy import Taxonomy
 from worker import metrics
 from worker.batcher import BatchItem, MicroBatcher
+from worker.dead_letters import DeadLetterWriter, payload_id
 from worker.gpu_decode import decode_batch
 from worker.model_cache import CategoryModel, ModelCache
 
@@ -102,7 +99,7 @@ class ExtractionService:
         self.store = store
         self.publisher = publisher
         self.models = models
-        self.worker_name = socket.gethostname()
+        self.dead_letters = DeadLetterWriter(settings, store, publisher)
         self.batcher = MicroBatcher(
             self._run_batch, settings.batch_size, settings.batch_max_wait_ms / 1000, lanes=lanes
         )
@@ -313,49 +310,10 @@ class ExtractionService:
     def _dead_letter(
         self, raw: Any, event: UploadEvent | None, code: str, message: str, attempt: int
     ) -> Outcome:
-        event_id = event.event_id if event else _payload_id(raw)
-        letter = DeadLetter(
-            event_id=event_id,
-            product_id=event.product_id if event else _field(raw, "product_id"),
-            category=event.category if event else _field(raw, "category"),
-            error_code=code,  # type: ignore[arg-type]
-            message=message,
-            attempts=attempt,
-            event=_truncate(raw, self.settings.max_event_bytes),
-            worker=self.worker_name,
-        )
-        key = dead_letter_key(self.settings.dead_letter_prefix, letter.failed_at, event_id)
-        self.store.put(self.settings.bucket, key, letter.model_dump_json(indent=2).encode())
-        self.publisher.publish(self.settings.dead_letter_stream, {
-            "event_id": event_id, "error_code": code, "message": message[:1000],
-            "record": f"s3://{self.settings.bucket}/{key}", "attempts": str(attempt),
-        })
-        metrics.DEAD_LETTERS.labels(code=code).inc()
-        metrics.EVENTS.labels(outcome="dead_letter", category=letter.category or "?").inc()
-        log.warning("event.dead_lettered", error_code=code, reason=message, record=key)
+        key = self.dead_letters.record(raw, event, code, message, attempt)
+        event_id = event.event_id if event else payload_id(raw)
         return Outcome("dead_letter", event_id, detail={"error_code": code, "message": message, "record": key})
 
 
 def _ms(seconds: float) -> float:
     return round(seconds * 1000, 2)
-
-
-def _payload_id(raw: Any) -> str:
-    """An id for a payload too broken to carry its own event_id: stable per payload."""
-    found = _field(raw, "event_id")
-    if found and all(c.isalnum() or c in "-_.:" for c in found) and len(found) <= 128:
-        return found
-    text = raw if isinstance(raw, str) else json.dumps(raw, default=str, sort_keys=True)
-    return "malformed-" + hashlib.sha256(str(text).encode()).hexdigest()[:16]
-
-
-def _field(raw: Any, name: str) -> str | None:
-    value = raw.get(name) if isinstance(raw, dict) else None
-    return str(value)[:128] if value is not None else None
-
-
-def _truncate(raw: Any, limit: int) -> Any:
-    text = raw if isinstance(raw, str) else json.dumps(raw, default=str)
-    if len(text) <= limit:
-        return raw
-    return {"truncated": True, "bytes": len(text), "head": str(text)[:limit]}

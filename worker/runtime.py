@@ -14,6 +14,7 @@ from shared.streams import RedisStreamPublisher
 from shared.taxonomy import load_taxonomy
 from worker import metrics
 from worker.celery_app import settings_of
+from worker.dead_letters import DeadLetterWriter
 from worker.extractor import ExtractionService
 from worker.model_cache import ModelCache
 
@@ -42,6 +43,13 @@ def build_extraction_service(app: Celery, *, background: bool = True) -> Extract
     log.info("worker.ready", taxonomy_version=taxonomy.version, architecture=settings.model_arch,
              batch_size=settings.batch_size, batch_max_wait_ms=settings.batch_max_wait_ms)
     return service
+
+
+def dead_letter_writer(app: Celery) -> DeadLetterWriter:
+    """A DeadLetterWriter that needs no model: for messages that never reach a task."""
+    settings = settings_of(app)
+    client = redis.Redis.from_url(settings.broker_url)
+    return DeadLetterWriter(settings, S3ObjectStore(settings), RedisStreamPublisher(client, settings.stream_maxlen))
 
 
 def extraction_service(app: Celery) -> ExtractionService:
