@@ -47,7 +47,9 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, draft_size: in
     except ImageRejected:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageRejected("image_too_many_pixels", f"decompression bomb: {exc}") from exc
+        raise ImageRejected(
+            "image_too_many_pixels", f"decompression bomb refused: {exc}; the limit is {max_pixels} pixels"
+        ) from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageRejected("undecodable_image", f"cannot decode image: {type(exc).__name__}: {exc}") from exc
 

@@ -1,0 +1,79 @@
+"""Safe decoding: limits before pixels, EXIF orientation, any mode to RGB."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from PIL import Image
+
+from shared.imaging import ImageRejected, decode_image
+
+LIMITS = {"max_bytes": 5_000_000, "max_pixels": 4_000_000}
+
+
+def _jpeg(image: Image.Image, **save) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", **save)
+    return buffer.getvalue()
+
+
+def test_exif_orientation_is_applied() -> None:
+    # a 60x20 landscape image tagged "rotate 90 CW" (orientation 6) is shown as 20x60 portrait
+    image = Image.new("RGB", (60, 20), (255, 0, 0))
+    image.paste((0, 0, 255), (0, 0, 10, 20))  # blue band on the left edge
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    decoded = decode_image(_jpeg(image, exif=exif.tobytes(), quality=95), **LIMITS)
+    assert decoded.size == (20, 60)
+    top_middle = decoded.getpixel((10, 2))
+    assert top_middle[2] > 200 and top_middle[0] < 60  # the left band is now on top
+
+
+@pytest.mark.parametrize("mode", ["L", "CMYK", "RGBA", "P", "I;16", "1"])
+def test_any_mode_becomes_rgb(mode: str) -> None:
+    buffer = io.BytesIO()
+    Image.new(mode, (16, 12)).save(buffer, format="TIFF" if mode in {"CMYK", "I;16"} else "PNG")
+    decoded = decode_image(buffer.getvalue(), **LIMITS)
+    assert decoded.mode == "RGB" and decoded.size == (16, 12)
+
+
+def test_transparent_pixels_become_white() -> None:
+    buffer = io.BytesIO()
+    Image.new("RGBA", (4, 4), (255, 0, 0, 0)).save(buffer, format="PNG")
+    assert decode_image(buffer.getvalue(), **LIMITS).getpixel((1, 1)) == (255, 255, 255)
+
+
+def test_pixel_limit_is_checked_before_decoding() -> None:
+    # 7000x7000 PNG of one colour: a tiny file, 49 MP when decoded
+    buffer = io.BytesIO()
+    Image.new("L", (7_000, 7_000)).save(buffer, format="PNG", optimize=True)
+    assert len(buffer.getvalue()) < 1_000_000
+    with pytest.raises(ImageRejected) as caught:
+        decode_image(buffer.getvalue(), **LIMITS)
+    assert caught.value.code == "image_too_many_pixels" and "7000x7000" in str(caught.value)
+    # past PIL's own bomb guard (> 2 x 89 MP) the same code comes back
+    huge = io.BytesIO()
+    Image.new("1", (14_000, 14_000)).save(huge, format="PNG", optimize=True)
+    with pytest.raises(ImageRejected) as bomb:
+        decode_image(huge.getvalue(), **LIMITS)
+    assert bomb.value.code == "image_too_many_pixels" and str(LIMITS["max_pixels"]) in str(bomb.value)
+
+
+def test_byte_limit_and_garbage() -> None:
+    data = _jpeg(Image.new("RGB", (50, 50)))
+    with pytest.raises(ImageRejected) as too_big:
+        decode_image(data, max_bytes=len(data) - 1, max_pixels=10**6)
+    assert too_big.value.code == "image_too_large"
+    for garbage in (b"", b"GIF89a\x00\x00", data[: len(data) // 3]):
+        with pytest.raises(ImageRejected) as bad:
+            decode_image(garbage, **LIMITS)
+        assert bad.value.code == "undecodable_image"
+
+
+def test_draft_mode_decodes_large_jpeg_at_reduced_scale() -> None:
+    data = _jpeg(Image.new("RGB", (1600, 1200), (10, 200, 10)))
+    full = decode_image(data, **LIMITS)
+    drafted = decode_image(data, **LIMITS, draft_size=224)
+    assert full.size == (1600, 1200)
+    assert 224 <= min(drafted.size) < 600  # DCT-domain downscale, never below the model size
