@@ -87,18 +87,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     from worker.cli import register as register_worker_commands
 
     register_worker_commands(sub, handlers)
-    try:
-        from trainer.cli import register as register_trainer_commands
-    except ImportError:  # trainer commands are optional while the trainer is being built
-        register_trainer_commands = None
-    if register_trainer_commands is not None:
-        register_trainer_commands(sub, handlers)
-    try:
-        from shared.devstack_cli import register as register_dev_commands
-    except ImportError:
-        register_dev_commands = None
-    if register_dev_commands is not None:
-        register_dev_commands(sub, handlers)
+    from shared.devstack_cli import register as register_dev_commands
+    from trainer.cli import register as register_trainer_commands
+
+    register_trainer_commands(sub, handlers)
+    register_dev_commands(sub, handlers)
     return parser, handlers
 
 

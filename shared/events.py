@@ -35,7 +35,7 @@ class UploadEvent(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    schema_version: Literal[1] = EVENT_SCHEMA_VERSION
+    schema_version: Literal[1] = 1
     event_id: str = Field(default_factory=lambda: uuid.uuid4().hex, pattern=_ID)
     product_id: str = Field(pattern=_ID)
     category: str = Field(min_length=1, max_length=64)
@@ -74,7 +74,7 @@ class ModelInfo(BaseModel):
 class ResultRecord(BaseModel):
     """The result file at s3://<bucket>/<results-prefix>/<category>/<product_id>.json."""
 
-    schema_version: Literal[1] = RESULT_SCHEMA_VERSION
+    schema_version: Literal[1] = 1
     event_id: str
     product_id: str
     category: str
@@ -109,7 +109,7 @@ ErrorCode = Literal[
 class DeadLetter(BaseModel):
     """Why an event produced no result. Written to S3 and to the dead-letter stream."""
 
-    schema_version: Literal[1] = DEAD_LETTER_SCHEMA_VERSION
+    schema_version: Literal[1] = 1
     event_id: str
     product_id: str | None
     category: str | None
@@ -126,7 +126,7 @@ class LabelRecord(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    schema_version: Literal[1] = LABEL_SCHEMA_VERSION
+    schema_version: Literal[1] = 1
     product_id: str = Field(pattern=_ID)
     category: str = Field(min_length=1, max_length=64)
     image: str

@@ -40,10 +40,8 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, draft_size: in
                 if scale >= 2:
                     image.draft("RGB", (max(1, int(width / scale)), max(1, int(height / scale))))
             image.load()
-            image = ImageOps.exif_transpose(image) or image
-            if image.mode != "RGB":
-                image = _to_rgb(image)
-            return image
+            upright: Image.Image = ImageOps.exif_transpose(image) or image
+            return upright if upright.mode == "RGB" else _to_rgb(upright)
     except ImageRejected:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

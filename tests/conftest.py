@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import uuid
 from collections.abc import Iterator
-
-import logging
 
 import pytest
 

@@ -32,7 +32,7 @@ class BatchItem:
     enqueued_at: float = field(default_factory=time.perf_counter)
 
 
-BatchRunner = Callable[[str, Sequence[BatchItem]], Sequence[Any]]
+BatchRunner = Callable[[str, list[BatchItem]], Sequence[Any]]
 
 
 class MicroBatcher:

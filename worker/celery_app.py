@@ -57,10 +57,11 @@ def create_celery_app(settings: Settings) -> Celery:
             else {}
         ),
     )
-    app.shelfsight_settings = settings  # type: ignore[attr-defined]
+    app.shelfsight_settings = settings
     return app
 
 
 def settings_of(app: Celery) -> Settings:
     """The Settings the app was built with."""
-    return app.shelfsight_settings  # type: ignore[attr-defined,no-any-return]
+    settings: Settings = app.shelfsight_settings
+    return settings

@@ -48,7 +48,7 @@ def cmd_dead_letters(args: argparse.Namespace, settings: Settings) -> int:
     import redis
 
     client = redis.Redis.from_url(settings.broker_url, decode_responses=True)
-    entries: list[tuple[str, dict[str, Any]]] = client.xrevrange(settings.dead_letter_stream, count=args.count)
+    entries: Any = client.xrevrange(settings.dead_letter_stream, count=args.count)
     for entry_id, fields in entries:
         print(json.dumps({"id": entry_id, **fields}))
     return 0

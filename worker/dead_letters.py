@@ -34,7 +34,7 @@ class DeadLetterWriter:
             event_id=event_id,
             product_id=event.product_id if event else _field(raw, "product_id"),
             category=event.category if event else _field(raw, "category"),
-            error_code=code,  # type: ignore[arg-type]
+            error_code=code,
             message=message,
             attempts=attempt,
             event=_truncate(raw, self.settings.max_event_bytes),

@@ -268,7 +268,7 @@ class ExtractionService:
             event_id=event.event_id, product_id=event.product_id, category=event.category,
             submitted_at=event.submitted_at,
             image=ImageInfo(uri=event.image, etag=etag, bytes=nbytes, width=prepared.width, height=prepared.height),
-            model=ModelInfo(architecture=model.architecture, version=model.version, mode=model.mode,  # type: ignore[arg-type]
+            model=ModelInfo(architecture=model.architecture, version=model.version, mode=model.mode,
                             weights_sha256=model.weights_sha256, taxonomy_version=model.taxonomy_version),
             attributes=attributes,
         )
