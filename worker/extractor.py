@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -100,6 +101,7 @@ class ExtractionService:
         self.publisher = publisher
         self.models = models
         self.dead_letters = DeadLetterWriter(settings, store, publisher)
+        self._lane_local = threading.local()
         self.batcher = MicroBatcher(
             self._run_batch, settings.batch_size, settings.batch_max_wait_ms / 1000, lanes=lanes
         )
@@ -229,6 +231,19 @@ class ExtractionService:
     def _run_batch(self, category: str, items: list[BatchItem]) -> list[Scored]:
         """Runs in a batcher lane: one model reference for the whole batch."""
         model = self.models.get(category)
+        if model.device.type == "cuda":
+            with torch.cuda.stream(self._lane_stream(model.device)):
+                return self._score_batch(model, items)
+        return self._score_batch(model, items)
+
+    def _lane_stream(self, device: torch.device) -> torch.cuda.Stream:
+        """Each lane thread has its own CUDA stream, so one lane's copies overlap another's compute."""
+        stream = getattr(self._lane_local, "stream", None)
+        if stream is None:
+            stream = self._lane_local.stream = torch.cuda.Stream(device=device)
+        return stream
+
+    def _score_batch(self, model: CategoryModel, items: list[BatchItem]) -> list[Scored]:
         started = time.perf_counter()
         prepared: list[Prepared] = [item.payload for item in items]
         if any(p.size != model.image_size for p in prepared):

@@ -154,13 +154,19 @@ class ModelCache:
         with self._base_lock:
             if self._base is None:
                 started = time.perf_counter()
-                self._base = create_clip(
+                self._base = self._compiled(create_clip(
                     self.settings.model_arch, self.settings.model_weights, device=self.settings.device,
                     precision=self.settings.precision, store=self.store,
-                )
+                ))
                 log.info("model.base_loaded", architecture=self._base.architecture,
                          weights_sha256=self._base.weights_sha256, seconds=round(time.perf_counter() - started, 2))
             return self._base
+
+    def _compiled(self, bundle: ClipBundle) -> ClipBundle:
+        """Optionally wrap the image tower in torch.compile (compiles on its first batch)."""
+        if self.settings.torch_compile:
+            bundle.model.visual = torch.compile(bundle.model.visual)
+        return bundle
 
     def _zero_shot(self, category: str) -> CategoryModel:
         cat = self.taxonomy.category(category)
@@ -173,11 +179,11 @@ class ModelCache:
 
     def _fine_tuned(self, category: str, pointer: Pointer) -> CategoryModel:
         manifest: Manifest = self.registry.manifest(category, pointer.version)
-        bundle = create_clip(
+        bundle = self._compiled(create_clip(
             manifest.architecture, self.registry.weights_uri(category, pointer.version),
             device=self.settings.device, precision=self.settings.precision, store=self.store,
             expected_sha256=manifest.weights_sha256,
-        )
+        ))
         heads = build_heads(bundle, manifest.values, manifest.captions)  # text tower freed with bundle
         return _category_model(bundle, category, pointer.version, "fine_tuned", heads,
                                manifest.taxonomy_version, pointer.updated_at, shared_tower=False)
