@@ -1,7 +1,11 @@
 """`shelfsight demo`: the whole service on an embedded stack, with sample products.
 
-Brings up Redis, an S3 server, a worker and Flower; uploads generated tops and pans;
-enqueues them; reads the features back from the S3 result files; tears everything down.
+1. Brings up Redis, an S3 server, an extraction worker, the trainer worker and Flower.
+2. Extracts features of held-out sample products with the base model (zero-shot).
+3. Imports sample labels, trains each category on the trainer worker, and promotes it.
+4. The running worker hot-swaps to the new versions (same process, no restart); the same
+   products are extracted again and scored against the images' known truth.
+5. Tears everything down.
 """
 
 from __future__ import annotations
@@ -17,6 +21,20 @@ from shared.samples import SampleProduct, generate_products, upload_products
 from shared.settings import Settings
 from shared.storage import S3ObjectStore
 
+# Short, CPU-friendly training for the demo: a few epochs on small sample sets.
+DEMO_TRAINING_ENV = {
+    "SHELFSIGHT_TRAIN_EPOCHS": "6",
+    "SHELFSIGHT_TRAIN_PATIENCE": "3",
+    "SHELFSIGHT_TRAIN_BATCH_SIZE": "16",
+    "SHELFSIGHT_TRAIN_LR": "3e-4",
+    "SHELFSIGHT_TRAIN_WARMUP_STEPS": "5",
+    "SHELFSIGHT_RETRAIN_AFTER_LABELS": "0",  # the demo triggers training itself
+    "SHELFSIGHT_BATCH_SIZE": "8",
+    "SHELFSIGHT_MODEL_POLL_INTERVAL_S": "5",
+}
+LABELED = {"pans": 48, "tops": 96}
+HELD_OUT = {"pans": 8, "tops": 8}
+
 
 def _stack_settings(env: dict[str, str]) -> Settings:
     os.environ.update(env)
@@ -24,14 +42,16 @@ def _stack_settings(env: dict[str, str]) -> Settings:
 
 
 def extract_and_wait(settings: Settings, products: list[SampleProduct], uris: list[str], timeout_s: float = 300) -> dict[str, dict]:
-    """Enqueue every product and wait for its result file; returns results by product id."""
+    """Enqueue every product and wait for a result newer than this call; results by product id."""
     from worker.celery_app import create_celery_app
     from worker.enqueue import enqueue_upload
 
     app = create_celery_app(settings)
     store = S3ObjectStore(settings)
-    for product, uri in zip(products, uris, strict=True):
-        enqueue_upload(app, product_id=product.product_id, category=product.category, image=uri)
+    event_ids = {
+        product.product_id: enqueue_upload(app, product_id=product.product_id, category=product.category, image=uri)
+        for product, uri in zip(products, uris, strict=True)
+    }
     pending = {p.product_id: p for p in products}
     results: dict[str, dict] = {}
     deadline = time.monotonic() + timeout_s
@@ -39,8 +59,10 @@ def extract_and_wait(settings: Settings, products: list[SampleProduct], uris: li
         for pid, product in list(pending.items()):
             key = result_key(settings.results_prefix, product.category, pid)
             if store.exists(settings.bucket, key):
-                results[pid] = json.loads(store.get(settings.bucket, key).body)
-                del pending[pid]
+                result = json.loads(store.get(settings.bucket, key).body)
+                if result["event_id"] == event_ids[pid]:
+                    results[pid] = result
+                    del pending[pid]
         time.sleep(0.2)
     if pending:
         raise TimeoutError(f"no result after {timeout_s}s for {sorted(pending)}; see the worker log")
@@ -58,26 +80,97 @@ def print_table(products: list[SampleProduct], results: dict[str, dict]) -> floa
             ok = got["value"] == truth
             right, total = right + ok, total + 1
             cells.append(f"{attr}={got['value']} ({got['confidence']:.2f}){'' if ok else ' ✗ truth ' + truth}")
-        rows.append(f"{product.product_id:<16} {product.category:<5} {result['model']['version']:<24} " + "; ".join(cells))
-    print(f"{'product':<16} {'cat':<5} {'model version':<24} extracted features")
+        rows.append(f"{product.product_id:<16} {result['model']['version']:<24} " + "; ".join(cells))
+    print(f"{'product':<16} {'model version':<24} extracted features")
     print("\n".join(rows))
     accuracy = right / total if total else 0.0
     print(f"attribute accuracy against the images' known truth: {right}/{total} = {accuracy:.2f}")
     return accuracy
 
 
-def run_demo(state_dir: Path, per_category: int = 6) -> int:
+def _labels_jsonl(products: list[SampleProduct], uris: list[str]) -> bytes:
+    lines = [
+        json.dumps({"product_id": p.product_id, "category": p.category, "image": uri, "attributes": p.attributes})
+        for p, uri in zip(products, uris, strict=True)
+    ]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def _train(settings: Settings, category: str) -> dict:
+    """Enqueue a training on the trainer worker and follow its progress states."""
+    from trainer.service import enqueue_training, resources_for
+    from worker.celery_app import create_celery_app
+
+    app = create_celery_app(settings)
+    enqueued = enqueue_training(app, resources_for(settings), category, reason="demo")
+    result = app.AsyncResult(enqueued.task_id)
+    last = None
+    while not result.ready():
+        info = result.info if result.state == "PROGRESS" and isinstance(result.info, dict) else None
+        if info and info.get("epoch") != last:
+            last = info.get("epoch")
+            print(f"  {category}: {json.dumps(info, default=str)}")
+        time.sleep(0.5)
+    if result.failed():
+        raise RuntimeError(f"training {category} failed: {result.result!r}")
+    return result.result
+
+
+def _wait_for_swap(settings: Settings, category: str, version: str, uri: str, probe: SampleProduct, timeout_s: float = 120) -> None:
+    """Probe the worker until a result shows `version`: the running worker swapped."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        result = extract_and_wait(settings, [probe], [uri])[probe.product_id]
+        if result["model"]["version"] == version:
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"the worker did not swap {category} to {version} within {timeout_s}s")
+
+
+def run_demo(state_dir: Path) -> int:
     """The `make demo` job. Returns a process exit code."""
-    with start_stack(state_dir, worker=True, trainer=False, flower=True) as stack:
+    with start_stack(state_dir, worker=True, trainer=True, flower=True, extra_env=DEMO_TRAINING_ENV) as stack:
         settings = _stack_settings(stack.env)
-        print("dev stack up:", ", ".join(f"{k}=127.0.0.1:{v}" for k, v in stack.ports.items()))
+        worker_pid = stack.processes["worker"].pid
+        print("dev stack up:", ", ".join(f"{k}=127.0.0.1:{v}" for k, v in stack.ports.items()),
+              f"(Flower basic auth: SHELFSIGHT_FLOWER_BASIC_AUTH; worker pid {worker_pid})")
         store = S3ObjectStore(settings)
-        products = generate_products("tops", per_category, seed=101) + generate_products("pans", per_category, seed=202)
-        uris = upload_products(products, store, settings.bucket, prefix="uploads")
-        results = extract_and_wait(settings, products, uris)
-        print_table(products, results)
-        example = results[products[0].product_id]
-        print("\nexample result file", f"s3://{settings.bucket}/{result_key(settings.results_prefix, products[0].category, products[0].product_id)}:")
+        held_out = [p for c, n in HELD_OUT.items() for p in generate_products(c, n, seed=900)]
+        held_out_uris = upload_products(held_out, store, settings.bucket, prefix="uploads")
+
+        print("\n== 1. extraction with the base model (zero-shot: no category has a fine-tuned model yet)")
+        before = extract_and_wait(settings, held_out, held_out_uris)
+        zero_shot_accuracy = print_table(held_out, before)
+
+        print("\n== 2. labels: import sample labels for each category")
+        from trainer.service import import_and_trigger, resources_for
+
+        labeled = [p for c, n in LABELED.items() for p in generate_products(c, n, seed=7)]
+        labeled_uris = upload_products(labeled, store, settings.bucket, prefix="labeled")
+        summary = import_and_trigger(resources_for(settings), _labels_jsonl(labeled, labeled_uris))
+        print(f"  accepted {summary['accepted']} labels, rejected {summary['rejected']}")
+
+        print("\n== 3. train each category on the trainer worker (progress from Celery task state)")
+        versions = {}
+        for category in LABELED:
+            outcome = _train(settings, category)
+            versions[category] = outcome.get("version")
+            print(f"  {category}: {outcome['status']} {outcome['version']} (test macro-F1 "
+                  f"{outcome['test_macro_f1']:.3f} on {outcome['splits'].get('test', '?')} frozen test images)")
+
+        print("\n== 4. the running worker hot-swaps to the promoted versions")
+        for category, version in versions.items():
+            probe_index = next(i for i, p in enumerate(held_out) if p.category == category)
+            _wait_for_swap(settings, category, version, held_out_uris[probe_index], held_out[probe_index])
+            print(f"  worker pid {worker_pid} now serves {category} {version}")
+        assert stack.processes["worker"].pid == worker_pid
+
+        print("\n== 5. extraction of the same products with the fine-tuned models")
+        after = extract_and_wait(settings, held_out, held_out_uris)
+        tuned_accuracy = print_table(held_out, after)
+        print(f"\naccuracy on held-out sample products: zero-shot {zero_shot_accuracy:.2f} → fine-tuned {tuned_accuracy:.2f}")
+        example = after[held_out[0].product_id]
+        print("\nexample result file", f"s3://{settings.bucket}/{result_key(settings.results_prefix, held_out[0].category, held_out[0].product_id)}:")
         print(json.dumps(example, indent=2))
     print("dev stack down")
     return 0
