@@ -151,10 +151,10 @@ def run_demo(state_dir: Path) -> int:
         print(f"  accepted {summary['accepted']} labels, rejected {summary['rejected']}")
 
         print("\n== 3. train each category on the trainer worker (progress from Celery task state)")
-        versions = {}
+        versions: dict[str, str] = {}
         for category in LABELED:
             outcome = _train(settings, category)
-            versions[category] = outcome.get("version")
+            versions[category] = outcome["version"]
             print(f"  {category}: {outcome['status']} {outcome['version']} (test macro-F1 "
                   f"{outcome['test_macro_f1']:.3f} on {outcome['splits'].get('test', '?')} frozen test images)")
 

@@ -69,6 +69,12 @@ class Settings(BaseSettings):
         64, description="boto3 connection pool size, shared by all fetching and writing threads."
     )
     s3_retries: int = Field(3, description="boto3 retry attempts for transient S3 errors.")
+    s3_conditional_writes: bool = Field(
+        True,
+        description="Write result files with S3 conditional PUTs (If-None-Match / If-Match): one "
+        "request for a new product, and safe against racing workers. Turn off for S3-compatible "
+        "stores without them; then a GET precedes every PUT.",
+    )
 
     # --- inputs limits ------------------------------------------------------------------------
     max_image_bytes: int = Field(

@@ -34,6 +34,10 @@ class ObjectTooLarge(StorageError):
     """The object is bigger than the caller's limit; it was not downloaded."""
 
 
+class PreconditionFailed(StorageError):
+    """A conditional write lost: the object exists (If-None-Match) or changed (If-Match)."""
+
+
 class TransientStorageError(StorageError):
     """5xx, throttling, timeouts, dropped connections: worth retrying."""
 
@@ -46,7 +50,10 @@ class StoredObject:
 
 class ObjectStore(Protocol):
     def get(self, bucket: str, key: str, max_bytes: int | None = None) -> StoredObject: ...
-    def put(self, bucket: str, key: str, body: bytes, content_type: str = "application/json") -> str: ...
+    def put(
+        self, bucket: str, key: str, body: bytes, content_type: str = "application/json",
+        *, if_none_match: bool = False, if_match: str | None = None,
+    ) -> str: ...
     def exists(self, bucket: str, key: str) -> bool: ...
     def list_keys(self, bucket: str, prefix: str) -> list[str]: ...
     def delete(self, bucket: str, key: str) -> None: ...
@@ -63,6 +70,8 @@ def _translate(exc: Exception, bucket: str, key: str) -> StorageError:
     if isinstance(exc, ClientError):
         code = str(exc.response.get("Error", {}).get("Code", ""))
         status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+        if code in {"PreconditionFailed", "ConditionalRequestConflict"} or status in {"409", "412"}:
+            return PreconditionFailed(f"s3://{bucket}/{key}: {code or status}")
         if code in _MISSING_CODES or status == "404":
             return ObjectMissing(f"s3://{bucket}/{key} does not exist ({code or status})")
         if code in _TRANSIENT_CODES or status.startswith("5"):
@@ -122,9 +131,20 @@ class S3ObjectStore:
         except Exception as exc:  # noqa: BLE001 - translated into our small error vocabulary
             raise _translate(exc, bucket, key) from exc
 
-    def put(self, bucket: str, key: str, body: bytes, content_type: str = "application/json") -> str:
+    def put(
+        self, bucket: str, key: str, body: bytes, content_type: str = "application/json",
+        *, if_none_match: bool = False, if_match: str | None = None,
+    ) -> str:
+        """PUT; with if_none_match only if absent, with if_match only if the ETag is unchanged."""
+        conditions: dict[str, str] = {}
+        if if_none_match:
+            conditions["IfNoneMatch"] = "*"
+        if if_match:
+            conditions["IfMatch"] = f'"{if_match}"'
         try:
-            resp = self._client.put_object(Bucket=bucket, Key=key, Body=body, ContentType=content_type)
+            resp = self._client.put_object(
+                Bucket=bucket, Key=key, Body=body, ContentType=content_type, **conditions
+            )
             return str(resp.get("ETag", "")).strip('"')
         except Exception as exc:  # noqa: BLE001
             raise _translate(exc, bucket, key) from exc
@@ -180,8 +200,16 @@ class InMemoryObjectStore:
             raise ObjectTooLarge(f"s3://{bucket}/{key} is {len(data)} bytes; the limit is {max_bytes}")
         return StoredObject(body=data, etag=hashlib.md5(data).hexdigest())  # noqa: S324 - S3 ETag
 
-    def put(self, bucket: str, key: str, body: bytes, content_type: str = "application/json") -> str:
+    def put(
+        self, bucket: str, key: str, body: bytes, content_type: str = "application/json",
+        *, if_none_match: bool = False, if_match: str | None = None,
+    ) -> str:
         with self._lock:
+            current = self._objects.get((bucket, key))
+            if if_none_match and current is not None:
+                raise PreconditionFailed(f"s3://{bucket}/{key} exists")
+            if if_match and (current is None or hashlib.md5(current).hexdigest() != if_match):  # noqa: S324
+                raise PreconditionFailed(f"s3://{bucket}/{key} changed")
             self._objects[(bucket, key)] = bytes(body)
             self.puts += 1
         return hashlib.md5(body).hexdigest()  # noqa: S324

@@ -60,7 +60,19 @@ def test_result_has_every_attribute_with_distribution(service: ExtractionService
     assert streams == ["shelfsight:results"]
 
 
-def test_same_event_twice_keeps_one_identical_result(service: ExtractionService) -> None:
+@pytest.fixture(params=[True, False], ids=["conditional-writes", "read-then-write"])
+def any_write_mode(request, unit_settings: Settings) -> Iterator[ExtractionService]:
+    settings = unit_settings.model_copy(update={"s3_conditional_writes": request.param})
+    store = InMemoryObjectStore()
+    taxonomy = load_taxonomy(settings.taxonomy_path)
+    svc = ExtractionService(settings, taxonomy, store, InMemoryPublisher(),
+                            ModelCache(settings, taxonomy, store, ModelRegistry(store, BUCKET)))
+    yield svc
+    svc.close()
+
+
+def test_same_event_twice_keeps_one_identical_result(any_write_mode: ExtractionService) -> None:
+    service = any_write_mode
     service.store.put(BUCKET, "uploads/pans/sku-1.jpg", jpeg_bytes(), "image/jpeg")
     event = _event(event_id="e-1", submitted_at="2026-11-27T10:00:00Z")  # a redelivery is the same payload
     assert service.process(event).status == "result"
@@ -72,13 +84,17 @@ def test_same_event_twice_keeps_one_identical_result(service: ExtractionService)
     assert service.store.list_keys(BUCKET, "results/") == ["results/pans/sku-1.json"]
 
 
-def test_older_event_never_overwrites_newer_result(service: ExtractionService) -> None:
+def test_older_event_never_overwrites_newer_result(any_write_mode: ExtractionService) -> None:
+    service = any_write_mode
     service.store.put(BUCKET, "uploads/pans/sku-1.jpg", jpeg_bytes((10, 10, 10)), "image/jpeg")
     newer = _event(event_id="new", submitted_at="2026-11-27T12:00:00Z")
     older = _event(event_id="old", submitted_at="2026-11-27T11:00:00Z")
     assert service.process(newer).status == "result"
     assert service.process(older).status == "superseded"
     assert json.loads(service.store.get(BUCKET, "results/pans/sku-1.json").body)["event_id"] == "new"
+    newest = _event(event_id="newest", submitted_at="2026-11-27T13:00:00Z")
+    assert service.process(newest).status == "result"  # a newer event does replace it
+    assert json.loads(service.store.get(BUCKET, "results/pans/sku-1.json").body)["event_id"] == "newest"
 
 
 @pytest.mark.parametrize(

@@ -31,7 +31,13 @@ from shared.events import (
 )
 from shared.imaging import ImageRejected, decode_image
 from shared.settings import Settings
-from shared.storage import ObjectMissing, ObjectStore, ObjectTooLarge, TransientStorageError
+from shared.storage import (
+    ObjectMissing,
+    ObjectStore,
+    ObjectTooLarge,
+    PreconditionFailed,
+    TransientStorageError,
+)
 from shared.streams import EventPublisher
 from shared.taxonomy import Taxonomy
 from worker import metrics
@@ -290,18 +296,41 @@ class ExtractionService:
 
     # --- endings --------------------------------------------------------------------------
     def _write_result(self, record: ResultRecord) -> str:
-        """Idempotent write: identical content is not rewritten; an older event never overwrites a newer one."""
+        """Idempotent write: identical content is not rewritten; an older event never overwrites a newer one.
+
+        With conditional writes, a new product costs one PUT (If-None-Match); an existing file
+        is read, compared, and replaced only if unchanged since (If-Match), so racing workers
+        cannot lose an update.
+        """
         key = result_key(self.settings.results_prefix, record.category, record.product_id)
-        existing = self._existing_result(key)
-        if existing is not None and existing.submitted_at > record.submitted_at:
-            log.info("result.superseded", newer_event_id=existing.event_id)
-            return "superseded"
         t0 = time.perf_counter()
-        if existing is not None and existing.content_fingerprint() == record.content_fingerprint():
-            log.info("result.duplicate_kept")  # redelivery: the file already says exactly this
+        record.timings["finished_at"] = datetime.now(UTC).isoformat()
+        body = record.model_dump_json(indent=2).encode()
+        conditional = self.settings.s3_conditional_writes
+        for _ in range(5):
+            if conditional:
+                try:
+                    self.store.put(self.settings.bucket, key, body, if_none_match=True)
+                    break
+                except PreconditionFailed:
+                    pass  # a result exists: decide below
+            existing, etag = self._existing_result(key)
+            if existing is not None and existing.submitted_at > record.submitted_at:
+                log.info("result.superseded", newer_event_id=existing.event_id)
+                return "superseded"
+            if existing is not None and existing.content_fingerprint() == record.content_fingerprint():
+                log.info("result.duplicate_kept")  # redelivery: the file already says exactly this
+                break
+            try:
+                if conditional and etag is not None:
+                    self.store.put(self.settings.bucket, key, body, if_match=etag)
+                else:
+                    self.store.put(self.settings.bucket, key, body)
+                break
+            except PreconditionFailed:
+                continue  # another worker wrote in between: look again
         else:
-            record.timings["finished_at"] = datetime.now(UTC).isoformat()
-            self.store.put(self.settings.bucket, key, record.model_dump_json(indent=2).encode())
+            raise TransientStorageError(f"result {key} kept changing under concurrent writers")
         record.timings["write_ms"] = _ms(time.perf_counter() - t0)
         self.publisher.publish(self.settings.results_stream, {
             "event_id": record.event_id, "product_id": record.product_id, "category": record.category,
@@ -311,16 +340,17 @@ class ExtractionService:
         metrics.STAGE_SECONDS.labels(stage="write").observe(time.perf_counter() - t0)
         return "result"
 
-    def _existing_result(self, key: str) -> ResultRecord | None:
+    def _existing_result(self, key: str) -> tuple[ResultRecord | None, str | None]:
+        """The current result file and its ETag, (None, None) if absent."""
         try:
-            body = self.store.get(self.settings.bucket, key, max_bytes=4 << 20).body
+            stored = self.store.get(self.settings.bucket, key, max_bytes=4 << 20)
         except ObjectMissing:
-            return None
+            return None, None
         try:
-            return ResultRecord.model_validate_json(body)
+            return ResultRecord.model_validate_json(stored.body), stored.etag
         except ValidationError:
             log.warning("result.unreadable_existing", key=key)
-            return None
+            return None, stored.etag
 
     def _dead_letter(
         self, raw: Any, event: UploadEvent | None, code: str, message: str, attempt: int
