@@ -1,5 +1,9 @@
 """`shelfsight labels|train|models`: the trainer side of the command line.
 
+`labels import` runs in the CLI process itself (it only needs S3 and Redis), so the line-numbered
+rejections come back at once; the IMPORT_LABELS_TASK does the same for remote callers.
+`train` enqueues on the training queue; `--wait` follows the task's PROGRESS states.
+
 Exit codes: 0 success; 1 something was rejected or refused (bad label lines — the good ones
 are still stored —, a training already pending, a challenger that failed); 2 unusable input.
 """

@@ -86,7 +86,7 @@ class LazyImages(Sequence[Image.Image]):
     def __len__(self) -> int:
         return len(self._items)
 
-    def __getitem__(self, index):  # type: ignore[no-untyped-def,override]
+    def __getitem__(self, index):  # noqa: ANN001
         if isinstance(index, slice):
             return LazyImages(self._items[index])
         return self._items[index].decode()

@@ -315,7 +315,7 @@ def _split_data(
     for split in ("train", "val", "test"):
         chosen = [(r, im) for r, im in zip(records, images, strict=True) if im is not None and assignments.get(r.product_id) == split]
         out[split] = LabeledImages(
-            images=LazyImages([im for _, im in chosen]),  # type: ignore[misc]
+            images=LazyImages([im for _, im in chosen if im is not None]),
             targets=target_indices([r for r, _ in chosen], spec.values),
             ids=[r.product_id for r, _ in chosen],
         )
@@ -380,8 +380,15 @@ def train_category(
         return {"status": "skipped", "category": category,
                 "reason": f"a training for {category} is already queued or running (task {holder})",
                 "holder": holder}
+    report = progress or (lambda _: None)
+
+    def progress_and_keep_lock(meta: dict[str, Any]) -> None:
+        if meta.get("phase") != "step":  # refresh the TTL, so a run longer than it keeps its lock
+            acquire_training_lock(resources.redis, category, owner, settings.training_lock_ttl_s)
+        report(meta)
+
     try:
-        return _train(resources, category, caption_template, progress or (lambda _: None), config_overrides or {})
+        return _train(resources, category, caption_template, progress_and_keep_lock, config_overrides or {})
     finally:
         release_training_lock(resources.redis, category, owner)
 

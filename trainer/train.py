@@ -130,12 +130,12 @@ class FitResult:
 # --- which weights train --------------------------------------------------------------------------
 
 
-def _text_module(model: nn.Module) -> nn.Module:
+def _text_module(model: Any) -> Any:
     """The text tower's owner: open_clip.CLIP keeps it on the model, CustomTextCLIP in `.text`."""
     return getattr(model, "text", model)
 
 
-def _visual_blocks_and_head(visual: nn.Module) -> tuple[Sequence[nn.Module], list[nn.Module], list[nn.Parameter]]:
+def _visual_blocks_and_head(visual: Any) -> tuple[Sequence[nn.Module], list[nn.Module], list[nn.Parameter]]:
     """(blocks, modules after the blocks, loose parameters after the blocks) of the image tower."""
     if hasattr(visual, "transformer"):  # open_clip VisionTransformer
         modules = [m for m in (getattr(visual, "ln_post", None), getattr(visual, "attn_pool", None)) if m is not None]
@@ -150,7 +150,7 @@ def _visual_blocks_and_head(visual: nn.Module) -> tuple[Sequence[nn.Module], lis
     raise ValueError(f"train_mode=last_n does not know the blocks of {type(visual).__name__}; use full or frozen_text")
 
 
-def _text_blocks_and_head(model: nn.Module) -> tuple[Sequence[nn.Module], list[nn.Module], list[nn.Parameter]]:
+def _text_blocks_and_head(model: Any) -> tuple[Sequence[nn.Module], list[nn.Module], list[nn.Parameter]]:
     text = _text_module(model)
     if not hasattr(text, "transformer"):
         raise ValueError(f"train_mode=last_n does not know the text blocks of {type(text).__name__}")
@@ -160,7 +160,7 @@ def _text_blocks_and_head(model: nn.Module) -> tuple[Sequence[nn.Module], list[n
     return list(text.transformer.resblocks), modules, params
 
 
-def set_trainable(model: nn.Module, mode: TrainMode, last_n_blocks: int = 2) -> int:
+def set_trainable(model: Any, mode: TrainMode, last_n_blocks: int = 2) -> int:
     """Freeze/unfreeze parameters for the mode; returns the number of trainable parameters.
 
     - full: everything;
@@ -191,7 +191,7 @@ def set_trainable(model: nn.Module, mode: TrainMode, last_n_blocks: int = 2) -> 
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _text_parameters(model: nn.Module) -> list[nn.Parameter]:
+def _text_parameters(model: Any) -> list[nn.Parameter]:
     text = _text_module(model)
     if text is not model:
         return list(text.parameters())
@@ -263,7 +263,7 @@ class _Batches:
         return torch.stack([self.preprocess(self.images[i]) for i in indices])
 
 
-def _text_features(model: nn.Module, tokens: torch.Tensor, spec: HeadSpec) -> dict[str, torch.Tensor]:
+def _text_features(model: Any, tokens: torch.Tensor, spec: HeadSpec) -> dict[str, torch.Tensor]:
     features = normalize(model.encode_text(tokens).float())
     sizes = [len(spec.values[a]) for a in spec.values]
     return dict(zip(spec.values, features.split(sizes), strict=True))
@@ -308,7 +308,8 @@ def fit(
     started = time.monotonic()
     if len(train) == 0:
         raise ValueError("no training examples")
-    model, device = bundle.model, bundle.device
+    model: Any = bundle.model
+    device = bundle.device
     torch.manual_seed(config.seed)
     trainable = set_trainable(model, config.mode, config.last_n_blocks)
     optimizer = torch.optim.AdamW(param_groups(model, config.lr, config.weight_decay, config.head_lr_scale))
@@ -357,7 +358,8 @@ def fit(
             val_loss = _eval_loss(model, tokens, spec, val_batches, val.targets, device, config.eval_batch_size)
         else:
             val_loss = train_loss
-        history.append(EpochStats(epoch, train_loss, val_loss, scheduler.get_last_lr()[0], time.monotonic() - epoch_start))
+        history.append(EpochStats(epoch, train_loss, val_loss, float(scheduler.get_last_lr()[0]),
+                                  time.monotonic() - epoch_start))
         log.info("fit.epoch", epoch=epoch, train_loss=round(train_loss, 4), val_loss=round(val_loss, 4))
         if progress:
             progress({"phase": "epoch", "epoch": epoch, "epochs": config.epochs, "global_step": step,
@@ -383,7 +385,7 @@ def fit(
 
 @torch.no_grad()
 def _eval_loss(
-    model: nn.Module, tokens: torch.Tensor, spec: HeadSpec, batches: _Batches,
+    model: Any, tokens: torch.Tensor, spec: HeadSpec, batches: _Batches,
     targets: Mapping[str, Sequence[int]], device: torch.device, batch_size: int,
 ) -> float:
     model.eval()
@@ -442,7 +444,8 @@ def evaluate(
     does not know scores 0.
     """
     data_values = data_values or spec.values
-    model, device = bundle.model, bundle.device
+    model: Any = bundle.model
+    device = bundle.device
     model.eval()
     known = [a for a in data_values if a in spec.values]
     head = HeadSpec({a: spec.values[a] for a in known}, {a: spec.captions[a] for a in known})
