@@ -23,10 +23,10 @@ from shared.storage import S3ObjectStore
 
 # Short, CPU-friendly training for the demo: a few epochs on small sample sets.
 DEMO_TRAINING_ENV = {
-    "SHELFSIGHT_TRAIN_EPOCHS": "6",
+    "SHELFSIGHT_TRAIN_EPOCHS": "8",
     "SHELFSIGHT_TRAIN_PATIENCE": "3",
-    "SHELFSIGHT_TRAIN_BATCH_SIZE": "16",
-    "SHELFSIGHT_TRAIN_LR": "3e-4",
+    "SHELFSIGHT_TRAIN_BATCH_SIZE": "12",
+    "SHELFSIGHT_TRAIN_LR": "1e-4",  # bench/learning_curve.py: higher rates collapse the fresh text tower
     "SHELFSIGHT_TRAIN_WARMUP_STEPS": "5",
     "SHELFSIGHT_RETRAIN_AFTER_LABELS": "0",  # the demo triggers training itself
     "SHELFSIGHT_BATCH_SIZE": "8",
