@@ -66,15 +66,17 @@ class LabeledImages:
 class EncodedImage:
     """Image bytes decoded on demand with shared.imaging.decode_image (what the worker uses)."""
 
-    __slots__ = ("data", "max_bytes", "max_pixels")
+    __slots__ = ("data", "max_bytes", "max_pixels", "draft_size")
 
-    def __init__(self, data: bytes, max_bytes: int, max_pixels: int) -> None:
+    def __init__(self, data: bytes, max_bytes: int, max_pixels: int, draft_size: int | None = None) -> None:
         self.data = data
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
+        self.draft_size = draft_size  # the worker decodes JPEGs at this reduced scale too
 
     def decode(self) -> Image.Image:
-        return decode_image(self.data, max_bytes=self.max_bytes, max_pixels=self.max_pixels)
+        return decode_image(self.data, max_bytes=self.max_bytes, max_pixels=self.max_pixels,
+                            draft_size=self.draft_size)
 
 
 class LazyImages(Sequence[Image.Image]):

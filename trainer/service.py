@@ -289,8 +289,13 @@ def persist_assignments(resources: TrainerResources, category: str, assignments:
     return resources.registry.key(category, TEST_SET_NAME)
 
 
-def _fetch_images(resources: TrainerResources, records: Sequence[LabelRecord]) -> tuple[list[EncodedImage | None], list[str]]:
-    """Image bytes per record (None where unusable now) and one message per skipped image."""
+def _fetch_images(
+    resources: TrainerResources, records: Sequence[LabelRecord], draft_size: int | None = None
+) -> tuple[list[EncodedImage | None], list[str]]:
+    """Image bytes per record (None where unusable now) and one message per skipped image.
+
+    `draft_size` is the model's input size: JPEGs decode at the same reduced scale as in the worker.
+    """
     settings = resources.settings
 
     def fetch(record: LabelRecord) -> EncodedImage | str:
@@ -299,7 +304,7 @@ def _fetch_images(resources: TrainerResources, records: Sequence[LabelRecord]) -
             body = resources.store.get(bucket, key, max_bytes=settings.max_image_bytes).body
         except (ObjectMissing, ObjectTooLarge) as exc:
             return f"{record.product_id}: {exc}"
-        return EncodedImage(body, settings.max_image_bytes, settings.max_image_pixels)
+        return EncodedImage(body, settings.max_image_bytes, settings.max_image_pixels, draft_size)
 
     with ThreadPoolExecutor(max_workers=_FETCH_THREADS) as pool:
         fetched = list(pool.map(fetch, records))
@@ -411,15 +416,15 @@ def _train(
     assignments = assign_splits(records, previous, val_fraction=settings.train_val_fraction,
                                 test_fraction=settings.train_test_fraction, seed=settings.train_seed)
     test_set_key = persist_assignments(resources, category, assignments) if assignments != previous else registry.key(category, TEST_SET_NAME)
-    images, skipped = _fetch_images(resources, records)
+    bundle = create_clip(settings.model_arch, settings.model_weights, device=settings.device,
+                         precision="fp32", store=resources.store)
+    images, skipped = _fetch_images(resources, records, draft_size=bundle.image_size)
     data = _split_data(records, images, assignments, spec)
     sizes = {k: len(v) for k, v in data.items()}
     log.info("train.data", category=category, labels=len(records), stale=stale, skipped=len(skipped), **sizes)
     if sizes["train"] == 0 or sizes["test"] == 0:
         raise TrainingError(f"{category}: split sizes {sizes}; need at least one training and one test product")
 
-    bundle = create_clip(settings.model_arch, settings.model_weights, device=settings.device,
-                         precision="fp32", store=resources.store)
     config = TrainConfig.from_settings(settings, **dict(config_overrides))
     result = fit(bundle, spec, data["train"], data["val"], config, progress)
     progress({"phase": "evaluating"})
