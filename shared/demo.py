@@ -127,6 +127,29 @@ def _wait_for_swap(settings: Settings, category: str, version: str, uri: str, pr
     raise TimeoutError(f"the worker did not swap {category} to {version} within {timeout_s}s")
 
 
+def show_dead_letter(settings: Settings, store: S3ObjectStore, timeout_s: float = 60) -> None:
+    """Upload a corrupt image, enqueue it, and print the dead letter the worker records."""
+    import redis
+
+    from worker.celery_app import create_celery_app
+    from worker.enqueue import enqueue_upload
+
+    store.put(settings.bucket, "uploads/pans/broken-1.jpg", b"\xff\xd8\xff\xe0 this upload was cut short", "image/jpeg")
+    event_id = enqueue_upload(create_celery_app(settings), product_id="broken-1", category="pans",
+                              image=f"s3://{settings.bucket}/uploads/pans/broken-1.jpg")
+    client = redis.Redis.from_url(settings.broker_url, decode_responses=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for _, fields in client.xrange(settings.dead_letter_stream):
+            if fields["event_id"] == event_id:
+                bucket, key = fields["record"].removeprefix("s3://").split("/", 1)
+                print(f"dead letter {fields['record']}:")
+                print(json.dumps(json.loads(store.get(bucket, key).body), indent=2))
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"no dead letter for {event_id} after {timeout_s}s")
+
+
 def run_demo(state_dir: Path) -> int:
     """The `make demo` job. Returns a process exit code."""
     with start_stack(state_dir, worker=True, trainer=True, flower=True, extra_env=DEMO_TRAINING_ENV) as stack:
@@ -141,6 +164,9 @@ def run_demo(state_dir: Path) -> int:
         print("\n== 1. extraction with the base model (zero-shot: no category has a fine-tuned model yet)")
         before = extract_and_wait(settings, held_out, held_out_uris)
         zero_shot_accuracy = print_table(held_out, before)
+
+        print("\n== 1b. a corrupt upload becomes a dead letter; the worker carries on")
+        show_dead_letter(settings, store)
 
         print("\n== 2. labels: import sample labels for each category")
         from trainer.service import import_and_trigger, resources_for
