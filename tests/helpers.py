@@ -9,6 +9,9 @@ from typing import TypeVar
 
 from PIL import Image
 
+from shared.settings import Settings
+from shared.storage import ObjectStore
+
 T = TypeVar("T")
 
 
@@ -34,3 +37,31 @@ def png_bytes(mode: str = "RGBA", size: tuple[int, int] = (40, 30)) -> bytes:
     buffer = io.BytesIO()
     Image.new(mode, size).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def publish_tiny_version(settings: Settings, store: ObjectStore, category: str, seed: int,
+                         *, corrupt_sha: bool = False) -> str:
+    """Upload a distinct checkpoint of settings.model_arch as a registry version and promote it."""
+    import torch
+    from safetensors.torch import save as save_safetensors
+
+    from shared.model_factory import create_clip, sha256_bytes
+    from shared.registry import Manifest, ModelRegistry, new_version
+    from shared.taxonomy import load_taxonomy
+
+    bundle = create_clip(settings.model_arch, "none")
+    generator = torch.Generator().manual_seed(seed)
+    state = {k: v.detach().clone().contiguous() for k, v in bundle.model.state_dict().items()}
+    state["visual.proj"] += 0.5 * torch.randn(state["visual.proj"].shape, generator=generator)
+    weights = save_safetensors(state)
+    cat = load_taxonomy(settings.taxonomy_path).category(category)
+    version = new_version()
+    registry = ModelRegistry(store, settings.bucket, settings.models_prefix)
+    registry.upload_version(Manifest(
+        category=category, version=version, architecture=settings.model_arch, base_weights="none",
+        taxonomy_version="test", values={n: a.value_names for n, a in cat.attributes.items()},
+        captions={n: a.captions() for n, a in cat.attributes.items()},
+        weights_sha256="0" * 64 if corrupt_sha else sha256_bytes(weights), weights_bytes=len(weights),
+    ), weights)
+    registry.promote(category, version, reason="test")
+    return version

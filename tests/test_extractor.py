@@ -188,3 +188,32 @@ def test_outcomes_are_counted_in_scrapeable_prometheus_metrics(service: Extracti
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     assert 'shelfsight_events_total{category="pans",outcome="result"}' in body
     assert "shelfsight_batch_size_bucket" in body
+
+
+def _jpeg_payload(service: ExtractionService, data: bytes):
+    from worker.extractor import Prepared
+
+    model = service.models.get("pans")
+    return Prepared(pixels=None, jpeg=data, size=model.image_size, width=96, height=80)
+
+
+def test_batched_jpeg_decode_path_agrees_with_pil_path(service: ExtractionService) -> None:
+    """The nvJPEG path (here torchvision's decoder on CPU) scores like the PIL path."""
+    data = jpeg_bytes((30, 140, 220), size=(120, 90))
+    model = service.models.get("pans")
+    via_pil = service.batcher.run("pans", service.prepare(data, model), timeout=30)
+    via_batch_decode = service.batcher.run("pans", _jpeg_payload(service, data), timeout=30)
+    for name, probs in via_pil.probabilities.items():
+        assert via_batch_decode.probabilities[name] == pytest.approx(probs, abs=0.02)
+
+
+def test_undecodable_jpeg_in_batch_decode_falls_back_and_fails_alone(service: ExtractionService) -> None:
+    from worker.extractor import Rejected
+
+    good = jpeg_bytes()
+    truncated = jpeg_bytes(size=(200, 200))[:300]
+    futures = [service.batcher.submit("pans", _jpeg_payload(service, d)) for d in (good, truncated, good)]
+    assert futures[0].result(timeout=30).probabilities and futures[2].result(timeout=30).probabilities
+    with pytest.raises(Rejected) as caught:
+        futures[1].result(timeout=30)
+    assert caught.value.code == "undecodable_image"

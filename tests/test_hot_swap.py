@@ -7,17 +7,12 @@ from collections.abc import Iterator
 
 import pytest
 import redis
-import torch
 from celery.contrib.testing.worker import start_worker
-from safetensors.torch import save as save_safetensors
 
-from shared.model_factory import create_clip, sha256_bytes
-from shared.registry import Manifest, ModelRegistry, new_version
 from shared.settings import Settings
 from shared.storage import S3ObjectStore
 from shared.streams import announce_model
-from shared.taxonomy import load_taxonomy
-from tests.helpers import jpeg_bytes, wait_for
+from tests.helpers import jpeg_bytes, publish_tiny_version, wait_for
 from worker import runtime
 from worker.celery_app import create_celery_app
 from worker.enqueue import enqueue_upload
@@ -27,22 +22,8 @@ pytestmark = pytest.mark.integration
 
 def publish_version(settings: Settings, store: S3ObjectStore, category: str, seed: int,
                     *, corrupt_sha: bool = False) -> str:
-    """Upload a distinct tiny checkpoint as a registry version and promote + announce it."""
-    bundle = create_clip(settings.model_arch, "none")
-    generator = torch.Generator().manual_seed(seed)
-    state = {k: v.detach().clone().contiguous() for k, v in bundle.model.state_dict().items()}
-    state["visual.proj"] += 0.5 * torch.randn(state["visual.proj"].shape, generator=generator)
-    weights = save_safetensors(state)
-    cat = load_taxonomy(settings.taxonomy_path).category(category)
-    version = new_version()
-    registry = ModelRegistry(store, settings.bucket, settings.models_prefix)
-    registry.upload_version(Manifest(
-        category=category, version=version, architecture=settings.model_arch, base_weights="none",
-        taxonomy_version="test", values={n: a.value_names for n, a in cat.attributes.items()},
-        captions={n: a.captions() for n, a in cat.attributes.items()},
-        weights_sha256="0" * 64 if corrupt_sha else sha256_bytes(weights), weights_bytes=len(weights),
-    ), weights)
-    registry.promote(category, version, reason="test")
+    """Publish and promote a distinct tiny version, then announce it as the trainer does."""
+    version = publish_tiny_version(settings, store, category, seed, corrupt_sha=corrupt_sha)
     announce_model(redis.Redis.from_url(settings.broker_url), settings.model_events_channel, category, version)
     return version
 

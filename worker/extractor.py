@@ -231,6 +231,18 @@ class ExtractionService:
             raise Rejected(exc.code, str(exc)) from exc
         return Prepared(model.preprocess(image), None, model.image_size, *image.size)
 
+    def _cpu_pixels(self, prepared: Prepared, model: CategoryModel) -> torch.Tensor:
+        """Pixels of an image that was passed on as JPEG bytes, decoded with PIL (the fallback)."""
+        if prepared.pixels is not None:
+            return prepared.pixels
+        assert prepared.jpeg is not None
+        try:
+            image = decode_image(prepared.jpeg, max_bytes=self.settings.max_image_bytes,
+                                 max_pixels=self.settings.max_image_pixels, draft_size=model.image_size)
+        except ImageRejected as exc:
+            raise Rejected(exc.code, str(exc)) from exc
+        return model.preprocess(image)
+
     def _gpu_decode(self, model: CategoryModel) -> bool:
         return self.settings.decode_on_gpu and model.device.type == "cuda"
 
@@ -254,14 +266,15 @@ class ExtractionService:
         prepared: list[Prepared] = [item.payload for item in items]
         if any(p.size != model.image_size for p in prepared):
             raise TransientStorageError("model input size changed by a swap; retrying the event")
-        if all(p.jpeg is not None for p in prepared):
-            pixels = decode_batch([p.jpeg for p in prepared], model.image_size, model.mean, model.std, model.device)  # type: ignore[misc]
-        else:
-            pixels = torch.stack([
-                p.pixels if p.pixels is not None
-                else decode_batch([p.jpeg], model.image_size, model.mean, model.std, torch.device("cpu"))[0]  # type: ignore[list-item]
-                for p in prepared
-            ])
+        jpegs = [p.jpeg for p in prepared if p.jpeg is not None]
+        pixels = None
+        if len(jpegs) == len(prepared):
+            try:
+                pixels = decode_batch(jpegs, model.image_size, model.mean, model.std, model.device)
+            except RuntimeError as exc:  # nvJPEG refuses some JPEGs (e.g. CMYK): decode those with PIL
+                log.warning("gpu_decode.fallback_to_cpu", error=str(exc)[:200], batch=len(jpegs))
+        if pixels is None:
+            pixels = torch.stack([self._cpu_pixels(p, model) for p in prepared])
             if model.device.type == "cuda":
                 pixels = pixels.pin_memory()
         probabilities = model.score(pixels)
