@@ -14,6 +14,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from shared.devstack import start_stack
 from shared.events import result_key
@@ -140,7 +141,8 @@ def show_dead_letter(settings: Settings, store: S3ObjectStore, timeout_s: float 
     client = redis.Redis.from_url(settings.broker_url, decode_responses=True)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        for _, fields in client.xrange(settings.dead_letter_stream):
+        entries: Any = client.xrange(settings.dead_letter_stream)
+        for _, fields in entries:
             if fields["event_id"] == event_id:
                 bucket, key = fields["record"].removeprefix("s3://").split("/", 1)
                 print(f"dead letter {fields['record']}:")
