@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import io
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from PIL import Image
@@ -65,3 +67,28 @@ def publish_tiny_version(settings: Settings, store: ObjectStore, category: str, 
     ), weights)
     registry.promote(category, version, reason="test")
     return version
+
+
+@contextlib.contextmanager
+def extraction_worker(settings: Settings, concurrency: int = 8) -> Iterator:
+    """A real Celery extraction worker (threads pool) in this process; yields its app."""
+    from celery.contrib.testing.worker import start_worker
+
+    from worker import runtime
+    from worker.celery_app import create_celery_app
+
+    app = create_celery_app(settings)
+    with start_worker(app, pool="threads", concurrency=concurrency, perform_ping_check=False, shutdown_timeout=30):
+        yield app
+    runtime.shutdown(app)
+
+
+def run_trainer_cli(settings: Settings, *argv: str) -> int:
+    """Run a `shelfsight labels|train|models` command in-process; returns its exit code."""
+    from trainer.cli import register
+
+    parser = argparse.ArgumentParser()
+    handlers: dict = {}
+    register(parser.add_subparsers(dest="command"), handlers)
+    args = parser.parse_args(list(argv))
+    return handlers[args.command](args, settings)

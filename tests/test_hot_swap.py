@@ -7,14 +7,12 @@ from collections.abc import Iterator
 
 import pytest
 import redis
-from celery.contrib.testing.worker import start_worker
 
 from shared.settings import Settings
 from shared.storage import S3ObjectStore
 from shared.streams import announce_model
-from tests.helpers import jpeg_bytes, publish_tiny_version, wait_for
+from tests.helpers import extraction_worker, jpeg_bytes, publish_tiny_version, wait_for
 from worker import runtime
-from worker.celery_app import create_celery_app
 from worker.enqueue import enqueue_upload
 
 pytestmark = pytest.mark.integration
@@ -36,10 +34,8 @@ def swap_settings(settings: Settings) -> Settings:
 
 @pytest.fixture
 def worker_app(swap_settings: Settings) -> Iterator:
-    app = create_celery_app(swap_settings)
-    with start_worker(app, pool="threads", concurrency=8, perform_ping_check=False, shutdown_timeout=30):
+    with extraction_worker(swap_settings) as app:
         yield app
-    runtime.shutdown(app)
 
 
 def test_stream_across_two_promotions_gives_exactly_one_result_per_event(

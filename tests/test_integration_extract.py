@@ -7,14 +7,12 @@ from collections.abc import Iterator
 
 import pytest
 import redis
-from celery.contrib.testing.worker import start_worker
 
 from shared.events import ResultRecord, UploadEvent
 from shared.settings import Settings
 from shared.storage import S3ObjectStore
-from tests.helpers import jpeg_bytes, wait_for
-from worker import runtime
-from worker.celery_app import EXTRACT_TASK, create_celery_app
+from tests.helpers import extraction_worker, jpeg_bytes, wait_for
+from worker.celery_app import EXTRACT_TASK
 from worker.enqueue import enqueue_event, enqueue_upload
 
 pytestmark = pytest.mark.integration
@@ -22,10 +20,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def running_worker(settings: Settings) -> Iterator:
-    app = create_celery_app(settings)
-    with start_worker(app, pool="threads", concurrency=8, perform_ping_check=False, shutdown_timeout=30):
+    with extraction_worker(settings) as app:
         yield app
-    runtime.shutdown(app)
 
 
 def _result(store: S3ObjectStore, settings: Settings, category: str, product_id: str) -> dict | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
@@ -11,8 +10,8 @@ import redis
 from shared.registry import Manifest, ModelRegistry
 from shared.settings import Settings
 from shared.storage import InMemoryObjectStore, S3ObjectStore
+from tests.helpers import run_trainer_cli
 from trainer import service
-from trainer.cli import register
 from trainer.train import EvalResult
 
 
@@ -64,12 +63,7 @@ def test_gate_promotes_only_a_challenger_at_least_margin_better() -> None:
     assert promote and "could not be loaded" in reason
 
 
-def _run(settings: Settings, *argv: str) -> int:
-    parser = argparse.ArgumentParser()
-    handlers: dict = {}
-    register(parser.add_subparsers(dest="command"), handlers)
-    args = parser.parse_args(list(argv))
-    return handlers[args.command](args, settings)
+_run = run_trainer_cli
 
 
 @pytest.mark.integration

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -14,8 +13,8 @@ from shared.registry import ModelRegistry
 from shared.samples import generate_products, upload_products
 from shared.settings import Settings
 from shared.storage import S3ObjectStore
+from tests.helpers import run_trainer_cli
 from trainer import service
-from trainer.cli import register
 from trainer.labels import load_category_labels
 from worker.celery_app import create_celery_app
 
@@ -28,12 +27,7 @@ def _logs_to_stderr() -> None:
     configure_logging("console", "INFO")
 
 
-def _run(settings: Settings, *argv: str) -> int:
-    parser = argparse.ArgumentParser()
-    handlers: dict = {}
-    register(parser.add_subparsers(dest="command"), handlers)
-    args = parser.parse_args(list(argv))
-    return handlers[args.command](args, settings)
+_run = run_trainer_cli
 
 
 def _label_file(tmp_path: Path, store: S3ObjectStore, settings: Settings, count: int, bad: bool) -> Path:
