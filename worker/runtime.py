@@ -8,6 +8,7 @@ import redis
 import structlog
 from celery import Celery
 
+from shared.model_factory import resolve_device
 from shared.registry import ModelRegistry
 from shared.storage import S3ObjectStore
 from shared.streams import RedisStreamPublisher
@@ -36,7 +37,7 @@ def build_extraction_service(app: Celery, *, background: bool = True) -> Extract
     models = ModelCache(settings, taxonomy, store, ModelRegistry(store, settings.bucket, settings.models_prefix))
     if background:
         models.start_background(client)
-    lanes = 2 if "cuda" in settings.device or settings.device == "auto" else 1
+    lanes = 2 if resolve_device(settings.device).type == "cuda" else 1  # 2: copy/compute overlap
     service = ExtractionService(
         settings, taxonomy, store, RedisStreamPublisher(client, settings.stream_maxlen), models, lanes=lanes
     )
