@@ -11,6 +11,8 @@ from pydantic import ValidationError
 
 from shared.settings import Settings
 
+MAX_NOTIFICATION_BYTES = 1 << 20  # an S3 notification carries a few records, never megabytes
+
 
 def cmd_enqueue(args: argparse.Namespace, settings: Settings) -> int:
     """Enqueue one upload, or every ObjectCreated record of an S3 notification; print event ids."""
@@ -25,7 +27,13 @@ def cmd_enqueue(args: argparse.Namespace, settings: Settings) -> int:
     app = create_celery_app(settings)
     try:
         if args.s3_notification:
-            text = sys.stdin.read() if args.s3_notification == "-" else open(args.s3_notification).read()
+            source = sys.stdin.buffer if args.s3_notification == "-" else open(args.s3_notification, "rb")
+            with source:
+                data = source.read(MAX_NOTIFICATION_BYTES + 1)
+            if len(data) > MAX_NOTIFICATION_BYTES:
+                print(f"not enqueued: the notification exceeds {MAX_NOTIFICATION_BYTES} bytes", file=sys.stderr)
+                return 2
+            text = data.decode("utf-8")
             events = events_from_s3_notification(json.loads(text), settings.s3_notification_key_pattern)
             for event in events:
                 print(enqueue_event(app, event))
@@ -38,7 +46,7 @@ def cmd_enqueue(args: argparse.Namespace, settings: Settings) -> int:
         print(enqueue_upload(app, product_id=args.product_id, category=args.category, image=args.image,
                              event_id=args.event_id or None))
         return 0
-    except (ValidationError, NotificationError, json.JSONDecodeError) as exc:
+    except (ValidationError, NotificationError, json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
         print(f"not enqueued: {exc}", file=sys.stderr)
         return 2
 

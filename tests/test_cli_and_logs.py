@@ -1,0 +1,66 @@
+"""The enqueue CLI on a real Redis, and secret redaction in logs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import redis
+import structlog
+
+from shared.cli import main
+from shared.logs import configure_logging, redact_url
+from shared.settings import Settings
+from worker.cli import MAX_NOTIFICATION_BYTES
+
+
+def _env(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> None:
+    monkeypatch.setenv("SHELFSIGHT_BROKER_URL", settings.broker_url)
+    monkeypatch.setenv("SHELFSIGHT_RESULT_BACKEND", settings.result_backend)
+
+
+def _queued(settings: Settings) -> list[dict]:
+    client = redis.Redis.from_url(settings.broker_url)
+    return [json.loads(m) for m in client.lrange(settings.extract_queue, 0, -1)]
+
+
+@pytest.mark.integration
+def test_enqueue_prints_the_event_id_and_queues_a_json_message(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    _env(monkeypatch, settings)
+    assert main(["enqueue", "--product-id", "sku-9", "--category", "tops", "--image", "s3://uploads/tops/sku-9.jpg"]) == 0
+    event_id = capsys.readouterr().out.strip()
+    [message] = _queued(settings)
+    assert message["content-type"] == "application/json"  # JSON-only serialisation on the wire
+    assert message["headers"]["id"] == event_id and message["headers"]["task"] == "shelfsight.extract"
+    assert main(["enqueue", "--product-id", "bad id", "--category", "tops", "--image", "s3://uploads/x.jpg"]) == 2
+    assert "not enqueued" in capsys.readouterr().err
+    assert len(_queued(settings)) == 1
+
+
+@pytest.mark.integration
+def test_enqueue_from_s3_notification_file_with_size_limit(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
+    _env(monkeypatch, settings)
+    record = {"eventName": "ObjectCreated:Put",
+              "s3": {"bucket": {"name": "uploads"}, "object": {"key": "tops/sku-1.jpg", "sequencer": "01"}}}
+    path = tmp_path / "n.json"
+    path.write_text(json.dumps({"Records": [record, {**record, "eventName": "ObjectRemoved:Delete"}]}))
+    assert main(["enqueue", "--s3-notification", str(path)]) == 0
+    assert len(capsys.readouterr().out.split()) == 1 and len(_queued(settings)) == 1
+    path.write_text(" " * (MAX_NOTIFICATION_BYTES + 1))
+    assert main(["enqueue", "--s3-notification", str(path)]) == 2
+    assert "exceeds" in capsys.readouterr().err
+
+
+def test_secrets_are_redacted_from_logs(capsys: pytest.CaptureFixture) -> None:
+    assert redact_url("redis://user:hunter2@host:6379/0") == "redis://user:***@host:6379/0"
+    configure_logging("json", "INFO")
+    structlog.get_logger().info("connect", broker="redis://:hunter2@10.0.0.1:6379/0",
+                                aws_secret_access_key="AKIA-SECRET", basic_auth="admin:pw", product_id="p1")
+    line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert "hunter2" not in json.dumps(line) and "AKIA-SECRET" not in json.dumps(line)
+    assert line["basic_auth"] == "***" and line["product_id"] == "p1"
