@@ -6,7 +6,6 @@ Settings are built once here and passed down.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -102,11 +101,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = Settings()
     configure_logging(settings.log_format, settings.log_level)
     return handlers[args.command](args, settings)
-
-
-def print_json(payload: object) -> None:
-    json.dump(payload, sys.stdout, indent=2, default=str)
-    sys.stdout.write("\n")
 
 
 if __name__ == "__main__":

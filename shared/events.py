@@ -9,11 +9,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-EVENT_SCHEMA_VERSION = 1
-RESULT_SCHEMA_VERSION = 1
-DEAD_LETTER_SCHEMA_VERSION = 1
-LABEL_SCHEMA_VERSION = 1
-
 _S3_URI = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])/(?P<key>.{1,1024})$")
 _ID = r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$"
 

@@ -116,10 +116,6 @@ class S3ObjectStore:
             config=config,
         )
 
-    @property
-    def client(self):  # noqa: ANN201 - boto3 client type is dynamic
-        return self._client
-
     def get(self, bucket: str, key: str, max_bytes: int | None = None) -> StoredObject:
         try:
             resp = self._client.get_object(Bucket=bucket, Key=key)
