@@ -51,6 +51,7 @@ class Pointer(BaseModel):
     updated_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     reason: str = ""
     previous: str | None = None
+    rollback: bool = False
 
 
 def new_version() -> str:
@@ -104,11 +105,11 @@ class ModelRegistry:
         self.store.put(self.bucket, self.key(cat, ver, "model.safetensors"), weights, "application/octet-stream")
         self.store.put(self.bucket, self.key(cat, ver, "manifest.json"), manifest.model_dump_json(indent=2).encode())
 
-    def promote(self, category: str, version: str, reason: str) -> Pointer:
+    def promote(self, category: str, version: str, reason: str, *, rollback: bool = False) -> Pointer:
         """Point CURRENT at `version` (which must have a manifest) and record the promotion."""
         self.manifest(category, version)  # raises ObjectMissing for an unknown version
         old = self.current(category)
-        pointer = Pointer(version=version, reason=reason, previous=old.version if old else None)
+        pointer = Pointer(version=version, reason=reason, previous=old.version if old else None, rollback=rollback)
         stamp = f"{pointer.updated_at:%Y%m%dT%H%M%S%f}"
         self.store.put(self.bucket, self.key(category, "promotions", f"{stamp}-{version}.json"), pointer.model_dump_json().encode())
         self.store.put(self.bucket, self.key(category, "CURRENT"), pointer.model_dump_json().encode())
@@ -119,12 +120,22 @@ class ModelRegistry:
         keys = self.store.list_keys(self.bucket, self.key(category, "promotions") + "/")
         return [Pointer.model_validate_json(self.store.get(self.bucket, k).body) for k in keys]
 
+    def serving_stack(self, category: str) -> list[str]:
+        """Versions as a stack: a promotion pushes, a rollback pops. The top serves now."""
+        stack: list[str] = []
+        for pointer in self.history(category):
+            if pointer.rollback and stack:
+                stack.pop()
+            else:
+                stack.append(pointer.version)
+        return stack
+
     def rollback(self, category: str) -> Pointer:
-        """Re-promote the version that served before the current one."""
-        current = self.current(category)
-        if current is None or current.previous is None:
-            raise ValueError(f"{category}: nothing to roll back to")
-        return self.promote(category, current.previous, reason=f"rollback from {current.version}")
+        """Serve the version promoted before the current one; repeated rollbacks walk further back."""
+        stack = self.serving_stack(category)
+        if len(stack) < 2:
+            raise ValueError(f"{category}: nothing to roll back to (serving history {stack})")
+        return self.promote(category, stack[-2], reason=f"rollback from {stack[-1]}", rollback=True)
 
     def put_json(self, category: str, name: str, payload: dict[str, Any]) -> None:
         self.store.put(self.bucket, self.key(category, name), json.dumps(payload, indent=2).encode())

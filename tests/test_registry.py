@@ -37,6 +37,20 @@ def test_promote_and_rollback_flip_current_and_keep_history() -> None:
     assert back.version == "v1" and "rollback from v2" in back.reason
     assert [p.version for p in registry.history("pans")] == ["v1", "v2", "v1"]
     assert registry.versions("pans") == ["v1", "v2", "v3"]
+    with pytest.raises(ValueError, match="nothing to roll back to"):
+        registry.rollback("pans")  # v1 was the first: a second rollback does not toggle back to v2
+
+
+def test_repeated_rollbacks_walk_back_through_promotions() -> None:
+    registry = ModelRegistry(InMemoryObjectStore(), "b", "models")
+    for version in ("v1", "v2", "v3"):
+        _upload(registry, version)
+        registry.promote("pans", version, "better")
+    assert registry.rollback("pans").version == "v2"
+    assert registry.rollback("pans").version == "v1"
+    registry.promote("pans", "v3", "fixed")
+    assert registry.serving_stack("pans") == ["v1", "v3"]
+    assert registry.rollback("pans").version == "v1"
 
 
 def test_promoting_an_unknown_version_fails_and_changes_nothing() -> None:
