@@ -217,3 +217,22 @@ def test_undecodable_jpeg_in_batch_decode_falls_back_and_fails_alone(service: Ex
     with pytest.raises(Rejected) as caught:
         futures[1].result(timeout=30)
     assert caught.value.code == "undecodable_image"
+
+
+def test_unloadable_model_is_retried_then_dead_lettered(unit_settings: Settings) -> None:
+    from tests.helpers import publish_tiny_version
+
+    store = InMemoryObjectStore()
+    settings = unit_settings.model_copy(update={"bucket": BUCKET})
+    version = publish_tiny_version(settings, store, "pans", seed=1)
+    store.delete(BUCKET, f"models/pans/{version}/model.safetensors")  # CURRENT names weights that are gone
+    taxonomy = load_taxonomy(settings.taxonomy_path)
+    svc = ExtractionService(settings, taxonomy, store, InMemoryPublisher(),
+                            ModelCache(settings, taxonomy, store, ModelRegistry(store, BUCKET)))
+    store.put(BUCKET, "uploads/pans/sku-1.jpg", jpeg_bytes(), "image/jpeg")
+    first = svc.process(_event(event_id="m"), attempt=1)
+    assert first.status == "retry" and "unavailable" in first.detail["error"]
+    final = svc.process(_event(event_id="m"), attempt=settings.max_retries + 1)
+    assert final.status == "dead_letter" and final.detail["error_code"] == "transient_exhausted"
+    assert version in final.detail["message"]
+    svc.close()

@@ -30,12 +30,14 @@ from shared.events import (
     result_key,
 )
 from shared.imaging import ImageRejected, decode_image
+from shared.model_factory import WeightsError
 from shared.settings import Settings
 from shared.storage import (
     ObjectMissing,
     ObjectStore,
     ObjectTooLarge,
     PreconditionFailed,
+    StorageError,
     TransientStorageError,
 )
 from shared.streams import EventPublisher
@@ -177,7 +179,10 @@ class ExtractionService:
                 "bucket_not_allowed",
                 f"bucket {bucket!r} is not in SHELFSIGHT_ALLOWED_IMAGE_BUCKETS {self.settings.allowed_image_buckets}",
             )
-        model = self.models.get(event.category)
+        try:
+            model = self.models.get(event.category)
+        except (WeightsError, StorageError) as exc:  # registry or weights unreachable: retry, then dead-letter
+            raise TransientStorageError(f"model for {event.category!r} unavailable: {exc}") from exc
         t0 = time.perf_counter()
         try:
             obj = self.store.get(bucket, key, max_bytes=self.settings.max_image_bytes)
