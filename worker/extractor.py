@@ -202,7 +202,6 @@ class ExtractionService:
             "batch_size": scored.batch_size,
         }
         status = self._write_result(record)
-        record.timings["total_ms"] = _ms(time.perf_counter() - started)
         metrics.STAGE_SECONDS.labels(stage="fetch").observe(t1 - t0)
         metrics.STAGE_SECONDS.labels(stage="decode").observe(t2 - t1)
         metrics.STAGE_SECONDS.labels(stage="batch").observe(t3 - t2)
@@ -349,7 +348,6 @@ class ExtractionService:
                 continue  # another worker wrote in between: look again
         else:
             raise TransientStorageError(f"result {key} kept changing under concurrent writers")
-        record.timings["write_ms"] = _ms(time.perf_counter() - t0)
         self.publisher.publish(self.settings.results_stream, {
             "event_id": record.event_id, "product_id": record.product_id, "category": record.category,
             "result": f"s3://{self.settings.bucket}/{key}", "model_version": record.model.version,
