@@ -22,6 +22,7 @@ from worker.model_cache import ModelCache
 log = structlog.get_logger()
 _lock = threading.Lock()
 _services: dict[int, ExtractionService] = {}
+_dead_letter_writers: dict[int, DeadLetterWriter] = {}
 
 
 def build_extraction_service(app: Celery, *, background: bool = True) -> ExtractionService:
@@ -47,10 +48,16 @@ def build_extraction_service(app: Celery, *, background: bool = True) -> Extract
 
 
 def dead_letter_writer(app: Celery) -> DeadLetterWriter:
-    """A DeadLetterWriter that needs no model: for messages that never reach a task."""
-    settings = settings_of(app)
-    client = redis.Redis.from_url(settings.broker_url)
-    return DeadLetterWriter(settings, S3ObjectStore(settings), RedisStreamPublisher(client, settings.stream_maxlen))
+    """A DeadLetterWriter that needs no model, for messages that never reach a task; built once."""
+    with _lock:
+        writer = _dead_letter_writers.get(id(app))
+        if writer is None:
+            settings = settings_of(app)
+            client = redis.Redis.from_url(settings.broker_url)
+            writer = _dead_letter_writers[id(app)] = DeadLetterWriter(
+                settings, S3ObjectStore(settings), RedisStreamPublisher(client, settings.stream_maxlen)
+            )
+        return writer
 
 
 def extraction_service(app: Celery) -> ExtractionService:
