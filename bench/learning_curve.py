@@ -42,15 +42,15 @@ import torch  # noqa: E402
 from open_clip import image_transform  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from shared.events import LabelRecord  # noqa: E402
-from shared.imaging import decode_image  # noqa: E402
-from shared.logs import configure_logging  # noqa: E402
-from shared.model_factory import ClipBundle, create_clip  # noqa: E402
-from shared.samples import generate_products  # noqa: E402
-from shared.settings import DEFAULT_TAXONOMY  # noqa: E402
-from shared.taxonomy import load_taxonomy  # noqa: E402
-from trainer.dataset import LabeledImages, assign_splits, target_indices  # noqa: E402
-from trainer.train import HeadSpec, TrainConfig, evaluate, fit  # noqa: E402
+from shelfsight.shared.events import LabelRecord  # noqa: E402
+from shelfsight.shared.imaging import decode_image  # noqa: E402
+from shelfsight.shared.logs import configure_logging  # noqa: E402
+from shelfsight.shared.model_factory import ClipBundle, create_clip  # noqa: E402
+from shelfsight.shared.dev.samples import generate_products  # noqa: E402
+from shelfsight.shared.settings import DEFAULT_TAXONOMY  # noqa: E402
+from shelfsight.shared.taxonomy import load_taxonomy  # noqa: E402
+from shelfsight.trainer.dataset import LabeledImages, assign_splits, target_indices  # noqa: E402
+from shelfsight.trainer.train import HeadSpec, TrainConfig, evaluate, fit  # noqa: E402
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",

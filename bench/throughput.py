@@ -103,7 +103,7 @@ class Services:
 @contextlib.contextmanager
 def services(log_dir: Path) -> Iterator[Services]:
     """A real redis-server and a moto S3 server (its own process) on free loopback ports."""
-    from shared.services import free_port, redis_server_binary, wait_for_port
+    from shelfsight.shared.dev.services import free_port, redis_server_binary, wait_for_port
 
     redis_port, s3_port = free_port(), free_port()
     started: list[subprocess.Popen[bytes]] = []
@@ -192,7 +192,7 @@ class Images:
 
 
 def make_images(unique: int, size_px: int) -> Images:
-    from shared.samples import generate_products
+    from shelfsight.shared.dev.samples import generate_products
 
     started = time.perf_counter()
     products = generate_products(CATEGORY, unique, seed=7, size=size_px)
@@ -230,8 +230,8 @@ def bench_bare(model: Any, batch: int, min_seconds: float, min_batches: int) -> 
 
 def bench_pipeline(service: Any, model: Any, images: Images, n: int, batch: int, decode_threads: int) -> float:
     """JPEG bytes -> prepare (thread pool) -> _run_batch -> ResultRecord, double-buffered."""
-    from shared.events import UploadEvent
-    from worker.batcher import BatchItem
+    from shelfsight.shared.events import UploadEvent
+    from shelfsight.worker.batcher import BatchItem
 
     events = [UploadEvent(product_id=f"pipe-{i}", category=CATEGORY, image=f"s3://bench/uploads/{i % len(images.jpegs)}.jpg")
               for i in range(n)]
@@ -284,7 +284,7 @@ def _pct(values: Sequence[float], q: float) -> float:
 @contextlib.contextmanager
 def no_draft_decode() -> Iterator[None]:
     """The naive worker: PIL decodes the full-size image (no DCT-domain downscale)."""
-    import worker.extractor as extractor
+    import shelfsight.worker.extractor as extractor
 
     original = extractor.decode_image
 
@@ -312,28 +312,27 @@ class CeleryPhase:
         import redis
         from celery.contrib.testing.worker import start_worker
 
-        from worker.celery_app import create_celery_app
+        from shelfsight.worker.app import create_worker_app
+        from shelfsight.worker.runtime import runtime_of
 
-        self.app = create_celery_app(self.settings)
+        self.app = create_worker_app(self.settings)
         self.client = redis.Redis.from_url(self.settings.broker_url)
         self.client.flushdb()
         self._ctx = start_worker(self.app, pool="threads", concurrency=self.concurrency,
                                  perform_ping_check=False, shutdown_timeout=120, loglevel="WARNING")
         self._ctx.__enter__()
-        from worker import runtime
-
-        self.service = runtime.extraction_service(self.app)
+        self.service = runtime_of(self.app).service
         self.service.models.get(CATEGORY)  # base model + caption features, before timing
         self._seq = 0
         return self
 
     def __exit__(self, *exc: object) -> None:
-        from worker import runtime
+        from shelfsight.worker.runtime import runtime_of
 
         try:
             self._ctx.__exit__(*exc)
         finally:
-            runtime.shutdown(self.app)
+            runtime_of(self.app).shutdown()
             self.client.close()
 
     def _last_ids(self) -> dict[str, str]:
@@ -347,8 +346,8 @@ class CeleryPhase:
         """Enqueue n events (all at once, or at `rate` per second); wait for n results/dead letters."""
         from datetime import UTC
 
-        from shared.events import ResultRecord, UploadEvent
-        from worker.enqueue import enqueue_event
+        from shelfsight.shared.events import ResultRecord, UploadEvent
+        from shelfsight.shared.enqueue import enqueue_event
 
         cursors = self._last_ids()
         product_ids: list[str] = []
@@ -410,7 +409,7 @@ class CeleryPhase:
 
 def resident_models(device: torch.device, arch: str, bench_model: Any, n_target: int = 100) -> dict[str, Any]:
     """Bytes of one fp16 per-category model (image tower + caption features) and whether 100 fit in 40 GB."""
-    from worker.model_cache import module_bytes
+    from shelfsight.worker.model_cache import module_bytes
 
     head_bytes = sum(h.text_features.numel() * 2 for h in bench_model.heads)  # fp16 caption features
     info: dict[str, Any] = {"architecture": arch}
@@ -553,7 +552,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    from shared.model_factory import resolve_device
+    from shelfsight.shared.model_factory import resolve_device
 
     device = resolve_device(args.device)
     gpu = device.type == "cuda"
@@ -580,7 +579,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_dir = Path(args.out or os.environ.get("OUT") or ROOT / "bench" / "out")
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    from shared.logs import configure_logging
+    from shelfsight.shared.logs import configure_logging
 
     configure_logging("json", "INFO")  # the worker's own per-event logs, rendered as in production...
     import structlog
@@ -595,7 +594,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, handle_signal)
 
-    from shared.settings import Settings
+    from shelfsight.shared.settings import Settings
 
     base = Settings()
     max_wait_ms = args.max_wait_ms if args.max_wait_ms is not None else base.batch_max_wait_ms
@@ -631,13 +630,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             fields.update(over)
             return Settings(**fields)
 
-        from shared.registry import ModelRegistry
-        from shared.samples import upload_products  # noqa: F401 - same key layout as below
-        from shared.storage import InMemoryObjectStore, S3ObjectStore
-        from shared.streams import InMemoryPublisher
-        from shared.taxonomy import load_taxonomy
-        from worker.extractor import ExtractionService
-        from worker.model_cache import ModelCache
+        from shelfsight.shared.registry import ModelRegistry
+        from shelfsight.shared.dev.samples import upload_products  # noqa: F401 - same key layout as below
+        from shelfsight.shared.storage import InMemoryObjectStore, S3ObjectStore
+        from shelfsight.shared.streams import InMemoryPublisher
+        from shelfsight.shared.taxonomy import load_taxonomy
+        from shelfsight.worker.extractor import ExtractionService
+        from shelfsight.worker.model_cache import ModelCache
 
         # Upload the JPEGs once (uploads/tops/<n>.jpg), as shared.samples.upload_products lays them out.
         setup = settings_for("setup", 1)

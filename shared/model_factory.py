@@ -23,8 +23,8 @@ import open_clip
 import torch
 from safetensors.torch import load as load_safetensors_bytes
 
-from shared.events import parse_s3_uri
-from shared.storage import ObjectStore
+from shelfsight.shared.events import parse_s3_uri
+from shelfsight.shared.storage import ObjectStore
 
 MODEL_CONFIG_DIR = Path(__file__).with_name("model_configs")
 open_clip.add_model_config(MODEL_CONFIG_DIR)

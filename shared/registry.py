@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from shared.storage import ObjectMissing, ObjectStore
+from shelfsight.shared.storage import ObjectMissing, ObjectStore
 
 MANIFEST_SCHEMA_VERSION = 1
 

@@ -19,7 +19,7 @@ from botocore.exceptions import (
     ConnectionError as BotoConnectionError,
 )
 
-from shared.settings import Settings
+from shelfsight.shared.settings import Settings
 
 
 class StorageError(Exception):

@@ -13,9 +13,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto server's per-request lines
 
-from shared.services import free_port, redis_server_binary, wait_for_port  # noqa: E402
-from shared.settings import Settings  # noqa: E402
-from shared.storage import S3ObjectStore  # noqa: E402
+from shelfsight.shared.dev.services import free_port, redis_server_binary, wait_for_port  # noqa: E402
+from shelfsight.shared.settings import Settings  # noqa: E402
+from shelfsight.shared.storage import S3ObjectStore  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import time
@@ -11,8 +10,8 @@ from typing import TypeVar
 
 from PIL import Image
 
-from shared.settings import Settings
-from shared.storage import ObjectStore
+from shelfsight.shared.settings import Settings
+from shelfsight.shared.storage import ObjectStore
 
 T = TypeVar("T")
 
@@ -47,9 +46,9 @@ def publish_tiny_version(settings: Settings, store: ObjectStore, category: str, 
     import torch
     from safetensors.torch import save as save_safetensors
 
-    from shared.model_factory import create_clip, sha256_bytes
-    from shared.registry import Manifest, ModelRegistry, new_version
-    from shared.taxonomy import load_taxonomy
+    from shelfsight.shared.model_factory import create_clip, sha256_bytes
+    from shelfsight.shared.registry import Manifest, ModelRegistry, new_version
+    from shelfsight.shared.taxonomy import load_taxonomy
 
     bundle = create_clip(settings.model_arch, "none")
     generator = torch.Generator().manual_seed(seed)
@@ -74,21 +73,17 @@ def extraction_worker(settings: Settings, concurrency: int = 8) -> Iterator:
     """A real Celery extraction worker (threads pool) in this process; yields its app."""
     from celery.contrib.testing.worker import start_worker
 
-    from worker import runtime
-    from worker.celery_app import create_celery_app
+    from shelfsight.worker.app import create_worker_app
+    from shelfsight.worker.runtime import runtime_of
 
-    app = create_celery_app(settings)
+    app = create_worker_app(settings)
     with start_worker(app, pool="threads", concurrency=concurrency, perform_ping_check=False, shutdown_timeout=30):
         yield app
-    runtime.shutdown(app)
+    runtime_of(app).shutdown()
 
 
-def run_trainer_cli(settings: Settings, *argv: str) -> int:
-    """Run a `shelfsight labels|train|models` command in-process; returns its exit code."""
-    from trainer.cli import register
+def run_cli(settings: Settings, *argv: str) -> int:
+    """Run a `shelfsight` command in-process with these Settings; returns its exit code."""
+    from shelfsight.shared.cli import main
 
-    parser = argparse.ArgumentParser()
-    handlers: dict = {}
-    register(parser.add_subparsers(dest="command"), handlers)
-    args = parser.parse_args(list(argv))
-    return handlers[args.command](args, settings)
+    return main(list(argv), settings=settings)

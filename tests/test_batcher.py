@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from worker.batcher import MicroBatcher
+from shelfsight.worker.batcher import MicroBatcher
 
 
 class Recorder:

@@ -9,10 +9,10 @@ import pytest
 import redis
 import structlog
 
-from shared.cli import main
-from shared.logs import configure_logging, redact_url
-from shared.settings import Settings
-from worker.cli import MAX_NOTIFICATION_BYTES
+from shelfsight.shared.cli import main
+from shelfsight.shared.logs import configure_logging, redact_url
+from shelfsight.shared.settings import Settings
+from shelfsight.shared.producer_cli import MAX_NOTIFICATION_BYTES
 
 
 def _env(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> None:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from shared import clip_math
+from shelfsight.shared import clip_math
 
 
 def test_logits_are_scaled_cosine_similarity() -> None:

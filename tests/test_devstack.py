@@ -11,7 +11,7 @@ import pytest
 import redis
 from pydantic import SecretStr
 
-from shared.devstack import (
+from shelfsight.shared.dev.stack import (
     DevStackError,
     _http_status,
     group_members,
@@ -20,8 +20,8 @@ from shared.devstack import (
     port_open,
     start_stack,
 )
-from shared.settings import Settings
-from shared.storage import S3ObjectStore
+from shelfsight.shared.settings import Settings
+from shelfsight.shared.storage import S3ObjectStore
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +30,7 @@ AUTH = "dev:s3cret"
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "shared.cli", "dev", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "shelfsight.shared.cli", "dev", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
 
 
@@ -46,7 +46,7 @@ def _stack_settings(stack_env: dict[str, str]) -> Settings:
 
 def test_up_serves_redis_s3_flower_and_down_leaves_nothing(tmp_path: Path) -> None:
     settings = Settings(flower_basic_auth=SecretStr(AUTH))
-    stack = start_stack(tmp_path, worker=False, flower=True, settings=settings,
+    stack = start_stack(tmp_path, settings, worker=False, flower=True,
                         extra_env={"SHELFSIGHT_BUCKET": "devbucket"})
     try:
         assert set(stack.processes) == {"redis", "s3", "flower"}
@@ -64,7 +64,7 @@ def test_up_serves_redis_s3_flower_and_down_leaves_nothing(tmp_path: Path) -> No
 
         # a second stack in the same state dir is refused
         with pytest.raises(DevStackError, match="already running"):
-            start_stack(tmp_path, worker=False, flower=False)
+            start_stack(tmp_path, Settings(), worker=False, flower=False)
 
         env = _cli("env", "--state-dir", str(tmp_path))
         assert env.returncode == 0
@@ -96,7 +96,7 @@ def test_failed_start_tears_down_what_it_started(tmp_path: Path, monkeypatch: py
 
     monkeypatch.setattr(S3ObjectStore, "ensure_bucket", broken_bucket)
     started: list[int] = []
-    import shared.devstack as devstack
+    import shelfsight.shared.dev.stack as devstack
 
     real_launch = devstack._launch
 
@@ -107,14 +107,14 @@ def test_failed_start_tears_down_what_it_started(tmp_path: Path, monkeypatch: py
 
     monkeypatch.setattr(devstack, "_launch", spy)
     with pytest.raises(DevStackError, match="bucket creation refused"):
-        start_stack(tmp_path, worker=False, flower=False, settings=Settings())
+        start_stack(tmp_path, Settings(), worker=False, flower=False)
     assert len(started) == 2  # redis and s3 were running
     assert all(group_members(pgid) == [] for pgid in started)
     assert load_state(tmp_path) is None
 
 
 def test_context_manager_stops_the_stack(tmp_path: Path) -> None:
-    with start_stack(tmp_path, worker=False, flower=False, settings=Settings()) as stack:
+    with start_stack(tmp_path, Settings(), worker=False, flower=False) as stack:
         port = stack.ports["redis"]
         assert port_open(port)
         assert os.path.exists(tmp_path / "state.json")

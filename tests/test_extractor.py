@@ -7,14 +7,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from shared.registry import ModelRegistry
-from shared.settings import Settings
-from shared.storage import InMemoryObjectStore, TransientStorageError
-from shared.streams import InMemoryPublisher
-from shared.taxonomy import load_taxonomy
+from shelfsight.shared.registry import ModelRegistry
+from shelfsight.shared.settings import Settings
+from shelfsight.shared.storage import InMemoryObjectStore, TransientStorageError
+from shelfsight.shared.streams import InMemoryPublisher
+from shelfsight.shared.taxonomy import load_taxonomy
 from tests.helpers import jpeg_bytes, png_bytes
-from worker.extractor import ExtractionService
-from worker.model_cache import ModelCache
+from shelfsight.worker.extractor import ExtractionService
+from shelfsight.worker.model_cache import ModelCache
 
 BUCKET = "shelfsight"
 
@@ -170,8 +170,8 @@ def test_outcomes_are_counted_in_scrapeable_prometheus_metrics(service: Extracti
 
     from prometheus_client import REGISTRY
 
-    from shared.services import free_port
-    from worker.metrics import serve_metrics
+    from shelfsight.shared.dev.services import free_port
+    from shelfsight.worker.metrics import serve_metrics
 
     def count(name: str, **labels: str) -> float:
         return REGISTRY.get_sample_value(name, labels) or 0.0
@@ -191,7 +191,7 @@ def test_outcomes_are_counted_in_scrapeable_prometheus_metrics(service: Extracti
 
 
 def _jpeg_payload(service: ExtractionService, data: bytes):
-    from worker.extractor import Prepared
+    from shelfsight.worker.extractor import Prepared
 
     model = service.models.get("pans")
     return Prepared(pixels=None, jpeg=data, size=model.image_size, width=96, height=80)
@@ -208,7 +208,7 @@ def test_batched_jpeg_decode_path_agrees_with_pil_path(service: ExtractionServic
 
 
 def test_undecodable_jpeg_in_batch_decode_falls_back_and_fails_alone(service: ExtractionService) -> None:
-    from worker.extractor import Rejected
+    from shelfsight.worker.extractor import Rejected
 
     good = jpeg_bytes()
     truncated = jpeg_bytes(size=(200, 200))[:300]

@@ -8,12 +8,12 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from shared.settings import Settings
-from shared.storage import S3ObjectStore
-from shared.streams import announce_model
+from shelfsight.shared.settings import Settings
+from shelfsight.shared.storage import S3ObjectStore
+from shelfsight.shared.streams import announce_model
 from tests.helpers import extraction_worker, jpeg_bytes, publish_tiny_version, wait_for
-from worker import runtime
-from worker.enqueue import enqueue_upload
+from shelfsight.worker.runtime import runtime_of
+from shelfsight.shared.enqueue import enqueue_upload
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +43,7 @@ def test_stream_across_two_promotions_gives_exactly_one_result_per_event(
 ) -> None:
     s = swap_settings
     store.put(s.bucket, "uploads/pans/img.jpg", jpeg_bytes((90, 90, 90)), "image/jpeg")
-    service = runtime.extraction_service(worker_app)
+    service = runtime_of(worker_app).service
     batch_versions: list[str] = []  # in the order batches ran in this worker
     lock = threading.Lock()
     run_batch = service.batcher._runner
@@ -88,7 +88,7 @@ def test_stream_across_two_promotions_gives_exactly_one_result_per_event(
 def test_failed_load_keeps_serving_the_old_version(worker_app, swap_settings: Settings, store: S3ObjectStore) -> None:
     s = swap_settings
     store.put(s.bucket, "uploads/pans/img.jpg", jpeg_bytes((90, 90, 90)), "image/jpeg")
-    service = runtime.extraction_service(worker_app)
+    service = runtime_of(worker_app).service
     good = publish_version(s, store, "pans", seed=3)
     service.models.refresh("pans")
     assert service.models.active_versions()["pans"] == good

@@ -7,7 +7,7 @@ import io
 import pytest
 from PIL import Image
 
-from shared.imaging import ImageRejected, decode_image
+from shelfsight.shared.imaging import ImageRejected, decode_image
 
 LIMITS = {"max_bytes": 5_000_000, "max_pixels": 4_000_000}
 

@@ -7,10 +7,10 @@ from datetime import UTC, datetime
 
 import pytest
 
-from shared.settings import DEFAULT_TAXONOMY
-from shared.storage import InMemoryObjectStore
-from shared.taxonomy import load_taxonomy
-from trainer.labels import (
+from shelfsight.shared.settings import DEFAULT_TAXONOMY
+from shelfsight.shared.storage import InMemoryObjectStore
+from shelfsight.shared.taxonomy import load_taxonomy
+from shelfsight.trainer.labels import (
     LabelFileTooLarge,
     import_labels,
     label_categories,
@@ -94,7 +94,7 @@ def test_latest_label_wins_by_labeled_at_then_import_order(mem_store: InMemoryOb
     labels = {r.product_id: r.attributes["lid"] for r in load_category_labels(mem_store, BUCKET, "labels", "pans").records}
     assert labels == {"p1": "yes", "p2": "no"}
     # within one batch, a later line wins a tie
-    from shared.events import LabelRecord
+    from shelfsight.shared.events import LabelRecord
 
     a = LabelRecord.model_validate(_label("p3", lid="yes", labeled_at=older))
     b = LabelRecord.model_validate(_label("p3", lid="no", labeled_at=older))

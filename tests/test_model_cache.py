@@ -6,12 +6,12 @@ from datetime import timedelta
 
 import pytest
 
-from shared.registry import ModelRegistry
-from shared.settings import Settings
-from shared.storage import InMemoryObjectStore
-from shared.taxonomy import load_taxonomy
+from shelfsight.shared.registry import ModelRegistry
+from shelfsight.shared.settings import Settings
+from shelfsight.shared.storage import InMemoryObjectStore
+from shelfsight.shared.taxonomy import load_taxonomy
 from tests.helpers import publish_tiny_version
-from worker.model_cache import ModelCache, module_bytes
+from shelfsight.worker.model_cache import ModelCache, module_bytes
 
 
 @pytest.fixture

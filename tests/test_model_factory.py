@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 from safetensors.torch import save as save_safetensors
 
-from shared import model_factory
-from shared.model_factory import WeightsError, create_clip, sha256_bytes
-from shared.storage import S3ObjectStore
+from shelfsight.shared import model_factory
+from shelfsight.shared.model_factory import WeightsError, create_clip, sha256_bytes
+from shelfsight.shared.storage import S3ObjectStore
 
 ARCH = "shelfsight-tiny"
 

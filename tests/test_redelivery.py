@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import redis
 
-from shared.settings import Settings
-from shared.storage import S3ObjectStore
+from shelfsight.shared.settings import Settings
+from shelfsight.shared.storage import S3ObjectStore
 from tests.helpers import jpeg_bytes, wait_for
-from worker.celery_app import create_celery_app
-from worker.enqueue import enqueue_upload
+from shelfsight.shared.celery_app import create_celery_app
+from shelfsight.shared.enqueue import enqueue_upload
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ def _start_worker(settings: Settings, log: Path, **overrides: str) -> subprocess
         **{f"SHELFSIGHT_{k.upper()}": v for k, v in overrides.items()},
     }
     return subprocess.Popen(
-        [sys.executable, "-m", "shared.cli", "worker", "--concurrency", "4"],
+        [sys.executable, "-m", "shelfsight.shared.cli", "worker", "--concurrency", "4"],
         env=env, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
     )
 

@@ -7,12 +7,12 @@ import json
 import pytest
 import redis
 
-from shared.registry import Manifest, ModelRegistry
-from shared.settings import Settings
-from shared.storage import InMemoryObjectStore, S3ObjectStore
-from tests.helpers import run_trainer_cli
-from trainer import service
-from trainer.train import EvalResult
+from shelfsight.shared.registry import Manifest, ModelRegistry
+from shelfsight.shared.settings import Settings
+from shelfsight.shared.storage import InMemoryObjectStore, S3ObjectStore
+from tests.helpers import run_cli
+from shelfsight.trainer import service
+from shelfsight.trainer.train import EvalResult
 
 
 def _manifest(version: str, f1: float = 0.5) -> Manifest:
@@ -77,7 +77,7 @@ def test_gate_promotes_only_a_challenger_at_least_margin_better() -> None:
     assert promote and "could not be loaded" in reason
 
 
-_run = run_trainer_cli
+_run = run_cli
 
 
 @pytest.mark.integration
@@ -95,11 +95,11 @@ def test_models_cli_list_show_promote_rollback(settings: Settings, store: S3Obje
     assert _run(settings, "models", "promote", "pans", "v2", "--reason", "looks good") == 0
     assert [json.loads(pubsub.get_message(timeout=5)["data"])["version"] for _ in range(2)] == ["v1", "v2"]
     capsys.readouterr()
-    assert _run(settings, "models", "list") == 0
+    assert _run(settings, "models", "list", "--json") == 0
     [row] = json.loads(capsys.readouterr().out)
     assert row["category"] == "pans" and row["current"] == "v2" and row["test_macro_f1"] == 0.9
     assert row["versions"] == 2 and row["reason"] == "looks good"
-    assert _run(settings, "models", "show", "pans") == 0
+    assert _run(settings, "models", "show", "pans", "--json") == 0
     assert json.loads(capsys.readouterr().out)["version"] == "v2"
     assert _run(settings, "models", "rollback", "pans") == 0
     assert registry.current("pans").version == "v1"

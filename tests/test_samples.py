@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shared.samples import (
+from shelfsight.shared.dev.samples import (
     generate_products,
     main,
     render_product,
     upload_products,
 )
-from shared.settings import Settings
-from shared.storage import InMemoryObjectStore
-from shared.taxonomy import load_taxonomy
+from shelfsight.shared.settings import Settings
+from shelfsight.shared.storage import InMemoryObjectStore
+from shelfsight.shared.taxonomy import load_taxonomy
 
 SIZE = 96  # small images keep the tests fast
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 
-from shared.storage import (
+from shelfsight.shared.storage import (
     InMemoryObjectStore,
     ObjectMissing,
     ObjectTooLarge,

@@ -8,15 +8,17 @@ from pathlib import Path
 import pytest
 from celery.contrib.testing.worker import start_worker
 
-from shared.logs import configure_logging
-from shared.registry import ModelRegistry
-from shared.samples import generate_products, upload_products
-from shared.settings import Settings
-from shared.storage import S3ObjectStore
-from tests.helpers import run_trainer_cli
-from trainer import service
-from trainer.labels import load_category_labels
-from worker.celery_app import create_celery_app
+from shelfsight.shared.logs import configure_logging
+from shelfsight.shared.registry import ModelRegistry
+from shelfsight.shared.dev.samples import generate_products, upload_products
+from shelfsight.shared.settings import Settings
+from shelfsight.shared.storage import S3ObjectStore
+from tests.helpers import run_cli
+import redis
+
+from shelfsight.shared.training_jobs import training_lock_holder
+from shelfsight.trainer.labels import load_category_labels
+from shelfsight.trainer.app import create_trainer_app
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +29,7 @@ def _logs_to_stderr() -> None:
     configure_logging("console", "INFO")
 
 
-_run = run_trainer_cli
+_run = run_cli
 
 
 def _label_file(tmp_path: Path, store: S3ObjectStore, settings: Settings, count: int, bad: bool) -> Path:
@@ -47,7 +49,7 @@ def test_labels_import_reports_rejected_lines_exits_1_and_keeps_the_good_ones(
     settings: Settings, store: S3ObjectStore, tmp_path: Path, capsys
 ) -> None:
     path = _label_file(tmp_path, store, settings, 5, bad=True)
-    assert _run(settings, "labels", "import", str(path)) == 1
+    assert _run(settings, "labels", "import", str(path), "--json") == 1
     captured = capsys.readouterr()
     assert f"{path}:2: rejected: unknown value 'ajar'" in captured.err
     summary = json.loads(captured.out)
@@ -73,10 +75,7 @@ def test_train_wait_follows_a_real_worker_to_the_promoted_model(
 ) -> None:
     assert _run(settings, "labels", "import", str(_label_file(tmp_path, store, settings, 16, bad=False))) == 0
     capsys.readouterr()
-    import trainer.tasks  # noqa: F401
-
-    app = create_celery_app(settings)
-    app.conf.imports = ["trainer.tasks"]
+    app = create_trainer_app(settings)
     # second request while the first is queued: reported, not queued twice
     assert _run(settings, "train", "--category", "pans") == 0
     first_id = capsys.readouterr().out.strip()
@@ -84,12 +83,12 @@ def test_train_wait_follows_a_real_worker_to_the_promoted_model(
     assert f"already queued or running: task {first_id}" in capsys.readouterr().err
     with start_worker(app, pool="solo", perform_ping_check=False, queues=[settings.training_queue],
                       shutdown_timeout=30):
-        code = _run(settings, "train", "--category", "pans", "--wait", "--timeout", "240")
+        code = _run(settings, "train", "--category", "pans", "--wait", "--timeout", "240", "--json")
     captured = capsys.readouterr()
     assert code == 0, captured.err
     result = json.loads(captured.out)
     assert result["status"] == "promoted"
     registry = ModelRegistry(store, settings.bucket, settings.models_prefix)
     assert registry.current("pans").version == result["version"]
-    assert service.training_lock_holder(service.resources_for(settings).redis, "pans") is None
+    assert training_lock_holder(redis.Redis.from_url(settings.broker_url), "pans") is None
     assert _run(settings, "train", "--category", "boats") == 2

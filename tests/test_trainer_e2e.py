@@ -9,21 +9,25 @@ import pytest
 import redis
 from safetensors.torch import load as load_safetensors
 
-from shared.model_factory import create_clip
-from shared.registry import ModelRegistry
-from shared.samples import generate_products, upload_products
-from shared.settings import Settings
-from shared.storage import S3ObjectStore
-from trainer import service
-from worker.celery_app import IMPORT_LABELS_TASK, TRAIN_TASK, create_celery_app
+from shelfsight.shared.model_factory import create_clip
+from shelfsight.shared.registry import ModelRegistry
+from shelfsight.shared.dev.samples import generate_products, upload_products
+from shelfsight.shared.settings import Settings
+from shelfsight.shared.storage import S3ObjectStore
+from shelfsight.trainer import service
+from shelfsight.shared.celery_app import IMPORT_LABELS_TASK, TRAIN_TASK
+from shelfsight.shared import training_jobs
 
 pytestmark = pytest.mark.integration
 
 
 def _app(settings: Settings):  # noqa: ANN202
-    import trainer.tasks  # noqa: F401 - registers the shared tasks
+    from shelfsight.trainer.app import create_trainer_app
 
-    return create_celery_app(settings)
+    app = create_trainer_app(settings)
+    app.loader.import_default_modules()  # registers the trainer's tasks, as a worker start does
+    return app
+
 
 
 def _labels(store: S3ObjectStore, settings: Settings, count: int = 30) -> list[dict]:
@@ -96,16 +100,16 @@ def test_train_task_end_to_end_then_a_worse_challenger_is_kept_out(settings: Set
     assert loser.parent_version == version
     assert store.get(settings.bucket, registry.key("pans", "test-set.json")).body == test_set  # frozen
     assert pubsub.get_message(timeout=0.5) is None  # nothing announced
-    assert client.get(service.lock_key("pans")) is None  # lock released
+    assert client.get(training_jobs.lock_key("pans")) is None  # lock released
 
 
 def test_a_second_training_while_locked_is_skipped_and_says_by_whom(settings: Settings, store: S3ObjectStore) -> None:
     app = _app(settings)
-    resources = service.resources_for(settings)
-    assert service.acquire_training_lock(resources.redis, "pans", "other-task", 60) is None
+    resources = app.shelfsight_trainer
+    assert training_jobs.acquire_training_lock(resources.redis, "pans", "other-task", 60) is None
     result = app.tasks[TRAIN_TASK].apply(args=["pans"]).get()
     assert result["status"] == "skipped" and "other-task" in result["reason"]
-    assert service.training_lock_holder(resources.redis, "pans") == "other-task"  # not stolen, not released
+    assert training_jobs.training_lock_holder(resources.redis, "pans") == "other-task"  # not stolen, not released
 
 
 def test_enough_new_labels_enqueue_one_training(settings: Settings, store: S3ObjectStore) -> None:
@@ -117,12 +121,12 @@ def test_enough_new_labels_enqueue_one_training(settings: Settings, store: S3Obj
     second = app.tasks[IMPORT_LABELS_TASK].apply(args=[labels]).get()  # 10 + 12 >= 20
     queued = second["retrain"]["pans"]
     assert queued["queued"] is True
-    resources = service.resources_for(eager)
-    assert service.training_lock_holder(resources.redis, "pans") == queued["task_id"]
+    resources = app.shelfsight_trainer
+    assert training_jobs.training_lock_holder(resources.redis, "pans") == queued["task_id"]
     broker = redis.Redis.from_url(eager.broker_url)
     assert broker.llen(eager.training_queue) == 1
     assert int(broker.get(service.new_labels_key("pans"))) == 0
     # asking again while it is queued returns the same task instead of queueing a second
-    again = service.enqueue_training(app, resources, "pans")
+    again = training_jobs.enqueue_training(app, resources.redis, resources.taxonomy, "pans")
     assert again.queued is False and again.task_id == queued["task_id"]
     assert broker.llen(eager.training_queue) == 1

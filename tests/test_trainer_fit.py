@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from shared.model_factory import create_clip
-from trainer.dataset import LabeledImages
-from trainer.train import (
+from shelfsight.shared.model_factory import create_clip
+from shelfsight.trainer.dataset import LabeledImages
+from shelfsight.trainer.train import (
     HeadSpec,
     TrainConfig,
     evaluate,

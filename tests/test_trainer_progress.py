@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from trainer.tasks import _reporter
+from shelfsight.trainer.tasks import _reporter
 
 
 class FakeTask:

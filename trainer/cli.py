@@ -1,85 +1,111 @@
-"""`shelfsight labels|train|models`: the trainer side of the command line.
+"""`shelfsight trainer|labels|train|models`: the trainer side of the command line.
 
 `labels import` runs in the CLI process itself (it only needs S3 and Redis), so the line-numbered
 rejections come back at once; the IMPORT_LABELS_TASK does the same for remote callers.
 `train` enqueues on the training queue; `--wait` follows the task's PROGRESS states.
-
-Exit codes: 0 success; 1 something was rejected or refused (bad label lines — the good ones
-are still stored —, a training already pending, a challenger that failed); 2 unusable input.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from shared.settings import Settings
+import click
 
-EXIT_OK, EXIT_REJECTED, EXIT_USAGE = 0, 1, 2
+from shelfsight.shared.celery_app import create_celery_app
+from shelfsight.shared.cli import (
+    EXIT_CODES_HELP,
+    EXIT_OK,
+    EXIT_REJECTED,
+    EXIT_USAGE,
+    echo_json,
+    json_option,
+    pass_settings,
+)
+from shelfsight.shared.settings import Settings
 
 
-def _print_json(payload: object) -> None:
-    json.dump(payload, sys.stdout, indent=2, default=str)
-    sys.stdout.write("\n")
+@click.command()
+@click.option("--hostname", default="trainer@%h", show_default=True, help="Celery node name.")
+@pass_settings
+def trainer(settings: Settings, hostname: str) -> int:
+    """Run the trainer worker: training queue, solo pool (one run at a time, owns the GPU).
 
+    Celery beat is embedded when SHELFSIGHT_RETRAIN_SCHEDULE_S is set.
+    """
+    from shelfsight.trainer.app import create_trainer_app
 
-def _resources(settings: Settings):  # noqa: ANN202 - lazy import keeps `shelfsight --help` fast
-    from trainer.service import resources_for
-
-    return resources_for(settings)
-
-
-def _app(settings: Settings):  # noqa: ANN202
-    from worker.celery_app import create_celery_app
-
-    return create_celery_app(settings)
+    argv = ["worker", "--pool", "solo", "--queues", settings.training_queue, "--hostname", hostname,
+            "--without-mingle", "--without-gossip", "--loglevel", settings.log_level]
+    if settings.retrain_schedule_s > 0:
+        argv.append("--beat")
+    create_trainer_app(settings).start(argv)
+    return 0
 
 
 # --- labels ---------------------------------------------------------------------------------------
 
 
+@click.group()
+def labels() -> None:
+    """Labeled products: import them (JSON lines, one product each)."""
+
+
 def _read_label_file(path: str, settings: Settings) -> bytes | str:
     """Local file or stdin bytes (size-checked), or an s3:// URI passed through."""
-    from trainer.labels import LabelFileTooLarge
+    from shelfsight.trainer.labels import LabelFileTooLarge
 
+    limit = settings.max_label_file_bytes
     if path.startswith("s3://"):
         return path
     if path == "-":
-        data = sys.stdin.buffer.read(settings.max_label_file_bytes + 1)
+        data = sys.stdin.buffer.read(limit + 1)
     else:
-        file = Path(path)
-        if file.stat().st_size > settings.max_label_file_bytes:
-            raise LabelFileTooLarge(
-                f"{path} is {file.stat().st_size} bytes; the limit is {settings.max_label_file_bytes} "
-                "(SHELFSIGHT_MAX_LABEL_FILE_BYTES). Split it into smaller files."
-            )
-        data = file.read_bytes()
-    if len(data) > settings.max_label_file_bytes:
-        raise LabelFileTooLarge(f"{path} exceeds {settings.max_label_file_bytes} bytes; split it")
+        size = Path(path).stat().st_size
+        if size > limit:
+            raise LabelFileTooLarge(f"{path} is {size} bytes; the limit is {limit} "
+                                    "(SHELFSIGHT_MAX_LABEL_FILE_BYTES). Split it into smaller files.")
+        data = Path(path).read_bytes()
+    if len(data) > limit:
+        raise LabelFileTooLarge(f"{path} exceeds {limit} bytes; split it")
     return data
 
 
-def cmd_labels(args: argparse.Namespace, settings: Settings) -> int:
-    """`labels import FILE`: validate, store the good lines, list every rejected line."""
-    from trainer.labels import LabelFileTooLarge
-    from trainer.service import import_and_trigger
+@labels.command("import", epilog="Exit codes: 0 all stored; 1 some lines rejected (the valid ones "
+                "are stored); 2 the file could not be read or is too large.")
+@click.argument("file")
+@json_option
+@pass_settings
+def import_labels(settings: Settings, file: str, as_json: bool) -> int:
+    """Validate and append labels from FILE (JSONL, '-' for stdin, or s3://bucket/key).
+
+    Every rejected line is listed on stderr with its line number and reason.
+    """
+    from shelfsight.trainer.labels import LabelFileTooLarge
+    from shelfsight.trainer.service import TrainerResources, import_and_trigger
 
     try:
-        source = _read_label_file(args.file, settings)
-        summary = import_and_trigger(_resources(settings), source, app=_app(settings))
+        source = _read_label_file(file, settings)
+        summary = import_and_trigger(TrainerResources.build(settings), source, app=create_celery_app(settings))
     except (OSError, LabelFileTooLarge, ValueError) as exc:
-        print(f"labels not imported: {exc}", file=sys.stderr)
+        click.echo(f"labels not imported: {exc}", err=True)
         return EXIT_USAGE
     for rejection in summary["rejections"]:
-        print(f"{args.file}:{rejection['line']}: rejected: {rejection['reason']}", file=sys.stderr)
-    _print_json({k: v for k, v in summary.items() if k != "rejections"})
+        click.echo(f"{file}:{rejection['line']}: rejected: {rejection['reason']}", err=True)
+    if as_json:
+        echo_json({k: v for k, v in summary.items() if k != "rejections"})
+    else:
+        per_category = ", ".join(f"{c}: {n}" for c, n in sorted(summary["per_category"].items()))
+        click.echo(f"accepted {summary['accepted']}, rejected {summary['rejected']}"
+                   + (f" ({per_category})" if per_category else ""))
+        for category, retrain in sorted(summary["retrain"].items()):
+            state = "enqueued" if retrain["queued"] else "already pending"
+            click.echo(f"retrain {category}: {state}, task {retrain['task_id']}")
     if summary["rejected"]:
-        print(f"{summary['rejected']} line(s) rejected; the {summary['accepted']} valid label(s) were stored. "
-              "Fix the rejected lines and import just those again.", file=sys.stderr)
+        click.echo(f"{summary['rejected']} line(s) rejected; the {summary['accepted']} valid label(s) were "
+                   "stored. Fix the rejected lines and import just those again.", err=True)
         return EXIT_REJECTED
     return EXIT_OK
 
@@ -87,118 +113,114 @@ def cmd_labels(args: argparse.Namespace, settings: Settings) -> int:
 # --- train ----------------------------------------------------------------------------------------
 
 
-class _Bar:
-    """tqdm progress bar when available, else one line per epoch on stderr."""
+class _ProgressBar:
+    """A tqdm bar over training steps, with phase, epoch and losses as its postfix."""
 
     def __init__(self, category: str) -> None:
-        self.category = category
-        try:
-            from tqdm import tqdm
+        from tqdm import tqdm
 
-            self.bar: Any = tqdm(total=0, desc=f"train {category}", unit="step", file=sys.stderr)
-        except ImportError:
-            self.bar = None
-        self.epoch = 0
+        self.bar: Any = tqdm(total=0, desc=f"train {category}", unit="step", file=sys.stderr)
 
     def update(self, meta: dict[str, Any]) -> None:
-        phase = meta.get("phase")
-        if self.bar is not None:
-            if meta.get("total_steps"):
-                self.bar.total = meta["total_steps"]
-            if "global_step" in meta:
-                self.bar.n = meta["global_step"]
-            postfix = {"phase": phase, "epoch": f"{meta.get('epoch', '-')}/{meta.get('epochs', '-')}"}
-            for key in ("loss", "val_loss"):
-                if key in meta:
-                    postfix[key] = f"{meta[key]:.4f}"
-            self.bar.set_postfix(postfix, refresh=False)
-            self.bar.refresh()
-        elif phase == "epoch" and meta.get("epoch") != self.epoch:
-            self.epoch = meta["epoch"]
-            print(f"epoch {meta['epoch']}/{meta['epochs']} train_loss {meta['train_loss']:.4f} "
-                  f"val_loss {meta['val_loss']:.4f}", file=sys.stderr)
-        elif phase != "step" and phase is not None:
-            print(f"{self.category}: {phase}", file=sys.stderr)
+        if meta.get("total_steps"):
+            self.bar.total = meta["total_steps"]
+        if "global_step" in meta:
+            self.bar.n = meta["global_step"]
+        postfix = {"phase": meta.get("phase"), "epoch": f"{meta.get('epoch', '-')}/{meta.get('epochs', '-')}"}
+        for key in ("loss", "val_loss"):
+            if key in meta:
+                postfix[key] = f"{meta[key]:.4f}"
+        self.bar.set_postfix(postfix, refresh=False)
+        self.bar.refresh()
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.bar.close()
 
 
-def wait_for(app: Any, task_id: str, category: str, poll_s: float = 0.5, timeout_s: float | None = None) -> int:
-    """Poll the task, drawing progress, until it finishes; print its result. Returns an exit code."""
+def wait_for(app: Any, task_id: str, category: str, poll_s: float = 0.5,
+             timeout_s: float | None = None) -> tuple[int, Any]:
+    """Poll the task, drawing progress, until it finishes: (exit code, its result or None)."""
     result = app.AsyncResult(task_id)
-    bar = _Bar(category)
+    bar = _ProgressBar(category)
     deadline = time.monotonic() + timeout_s if timeout_s else None
     try:
         while not result.ready():
             if result.state == "PROGRESS" and isinstance(result.info, dict):
                 bar.update(result.info)
             if deadline and time.monotonic() > deadline:
-                print(f"still running after {timeout_s}s: task {task_id}", file=sys.stderr)
-                return EXIT_REJECTED
+                click.echo(f"still running after {timeout_s}s: task {task_id}", err=True)
+                return EXIT_REJECTED, None
             time.sleep(poll_s)
     finally:
         bar.close()
     if result.failed():
-        print(f"training {task_id} failed: {result.result!r}", file=sys.stderr)
-        return EXIT_REJECTED
-    _print_json(result.result)
-    return EXIT_OK if isinstance(result.result, dict) and result.result.get("status") != "skipped" else EXIT_REJECTED
+        click.echo(f"training {task_id} failed: {result.result!r}", err=True)
+        return EXIT_REJECTED, None
+    outcome = result.result
+    ok = isinstance(outcome, dict) and outcome.get("status") != "skipped"
+    return (EXIT_OK if ok else EXIT_REJECTED), outcome
 
 
-def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
-    """Enqueue a training (prints the task id); --wait draws its progress until it finishes."""
-    from trainer.service import enqueue_training
+def _describe_run(outcome: dict[str, Any]) -> str:
+    if outcome.get("status") == "skipped":
+        return f"skipped: {outcome.get('reason')}"
+    return (f"{outcome['status']} {outcome['category']} {outcome['version']} "
+            f"(test macro-F1 {outcome['test_macro_f1']:.4f}): {outcome['reason']}\nreport: {outcome['report']}")
 
-    app = _app(settings)
+
+@click.command(epilog="Exit codes: 0 enqueued (with --wait: the run finished); 1 a training is already "
+               "pending, or the followed run failed or was skipped; 2 unknown category.")
+@click.option("--category", required=True, help="The category to fine-tune.")
+@click.option("--template", default=None, help="Caption template, e.g. 'a photo of a top, {}' (default: bare values).")
+@click.option("--wait", is_flag=True, help="Follow the run with a progress bar until it ends; print its outcome.")
+@click.option("--timeout", type=float, default=0, help="With --wait: give up waiting after this many seconds.")
+@json_option
+@pass_settings
+def train(settings: Settings, category: str, template: str | None, wait: bool, timeout: float,
+          as_json: bool) -> int:
+    """Enqueue a fine-tuning run for a category (prints the task id)."""
+    import redis
+
+    from shelfsight.shared.taxonomy import load_taxonomy
+    from shelfsight.shared.training_jobs import enqueue_training
+
+    app = create_celery_app(settings)
     try:
-        enqueued = enqueue_training(app, _resources(settings), args.category, caption_template=args.template,
-                                    reason="cli")
+        enqueued = enqueue_training(app, redis.Redis.from_url(settings.broker_url),
+                                    load_taxonomy(settings.taxonomy_path), category,
+                                    caption_template=template, reason="cli")
     except KeyError as exc:
-        print(f"not enqueued: {exc.args[0]}", file=sys.stderr)
+        click.echo(f"not enqueued: {exc.args[0]}", err=True)
         return EXIT_USAGE
     if not enqueued.queued:
-        print(f"a training for {args.category} is already queued or running: task {enqueued.task_id}"
-              + ("; following it" if args.wait else ""), file=sys.stderr)
-    else:
-        print(enqueued.task_id)
-    if args.wait:
-        return wait_for(app, enqueued.task_id, args.category, timeout_s=args.timeout or None)
-    return EXIT_OK if enqueued.queued else EXIT_REJECTED
+        click.echo(f"a training for {category} is already queued or running: task {enqueued.task_id}"
+                   + ("; following it" if wait else ""), err=True)
+    elif not wait:
+        if as_json:
+            echo_json({"task_id": enqueued.task_id, "category": category, "queued": True})
+        else:
+            click.echo(enqueued.task_id)
+    if not wait:
+        return EXIT_OK if enqueued.queued else EXIT_REJECTED
+    code, outcome = wait_for(app, enqueued.task_id, category, timeout_s=timeout or None)
+    if outcome is not None:
+        echo_json(outcome) if as_json else click.echo(_describe_run(outcome))
+    return code
 
 
 # --- models ---------------------------------------------------------------------------------------
 
 
-def cmd_models(args: argparse.Namespace, settings: Settings) -> int:
-    """`models list|show|promote|rollback`."""
-    from shared.storage import ObjectMissing
-    from trainer.service import promote_version, rollback_category
-
-    resources = _resources(settings)
-    registry = resources.registry
-    try:
-        if args.models_command == "list":
-            _print_json(list_models(registry))
-        elif args.models_command == "show":
-            version = args.version or _current_version(registry, args.category)
-            _print_json(registry.manifest(args.category, version).model_dump(mode="json"))
-        elif args.models_command == "promote":
-            _print_json(promote_version(resources, args.category, args.version, reason=args.reason))
-        elif args.models_command == "rollback":
-            _print_json(rollback_category(resources, args.category))
-    except (ObjectMissing, ValueError) as exc:
-        print(f"models {args.models_command}: {exc}", file=sys.stderr)
-        return EXIT_REJECTED
-    return EXIT_OK
+@click.group(epilog=EXIT_CODES_HELP)
+def models() -> None:
+    """The model registry: list, show, promote, rollback."""
 
 
-def _current_version(registry: Any, category: str) -> str:
-    pointer = registry.current(category)
-    if pointer is None:
-        raise ValueError(f"{category} has no promoted model; pass a VERSION (see `shelfsight models list`)")
-    return str(pointer.version)
+def _registry(settings: Settings) -> Any:
+    from shelfsight.shared.registry import ModelRegistry
+    from shelfsight.shared.storage import S3ObjectStore
+
+    return ModelRegistry(S3ObjectStore(settings), settings.bucket, settings.models_prefix)
 
 
 def list_models(registry: Any) -> list[dict[str, Any]]:
@@ -217,33 +239,98 @@ def list_models(registry: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def register(sub: argparse._SubParsersAction, handlers: dict) -> None:
-    """Add the labels, train and models commands to the `shelfsight` parser."""
-    p = sub.add_parser("labels", help="import labels (JSONL, one label per line)")
-    labels_sub = p.add_subparsers(dest="labels_command", required=True)
-    imp = labels_sub.add_parser(
-        "import", help="validate and append labels; exits 1 if any line was rejected (the good ones are stored)"
-    )
-    imp.add_argument("file", help="JSONL file, '-' for stdin, or s3://bucket/key")
-    handlers["labels"] = cmd_labels
+def _refusal(command: str, exc: Exception) -> int:
+    click.echo(f"models {command}: {exc}", err=True)
+    return EXIT_REJECTED
 
-    p = sub.add_parser("train", help="enqueue a fine-tuning run for a category")
-    p.add_argument("--category", required=True)
-    p.add_argument("--template", default=None, help="caption template, e.g. 'a photo of a top, {}'")
-    p.add_argument("--wait", action="store_true", help="follow the run with a progress bar until it ends")
-    p.add_argument("--timeout", type=float, default=0, help="with --wait: give up waiting after this many seconds")
-    handlers["train"] = cmd_train
 
-    p = sub.add_parser("models", help="the model registry: list, show, promote, rollback")
-    models_sub = p.add_subparsers(dest="models_command", required=True)
-    models_sub.add_parser("list", help="categories with their serving version and test metrics")
-    show = models_sub.add_parser("show", help="print a manifest (default: the serving version)")
-    show.add_argument("category")
-    show.add_argument("version", nargs="?")
-    promote = models_sub.add_parser("promote", help="serve VERSION now and announce it to the workers")
-    promote.add_argument("category")
-    promote.add_argument("version")
-    promote.add_argument("--reason", default="manual promotion")
-    rollback = models_sub.add_parser("rollback", help="serve the previously served version again")
-    rollback.add_argument("category")
-    handlers["models"] = cmd_models
+@models.command("list")
+@json_option
+@pass_settings
+def models_list(settings: Settings, as_json: bool) -> int:
+    """Categories with their serving version and test metrics."""
+    rows = list_models(_registry(settings))
+    if as_json:
+        echo_json(rows)
+        return EXIT_OK
+    click.echo(f"{'category':<16} {'serving':<26} {'versions':>8} {'test macro-F1':>14}  reason")
+    for row in rows:
+        f1 = row.get("test_macro_f1")
+        click.echo(f"{row['category']:<16} {row['current'] or '-':<26} {row['versions']:>8} "
+                   f"{'-' if f1 is None else f'{f1:.4f}':>14}  {row.get('reason') or ''}")
+    return EXIT_OK
+
+
+@models.command("show")
+@click.argument("category")
+@click.argument("version", required=False)
+@json_option
+@pass_settings
+def models_show(settings: Settings, category: str, version: str | None, as_json: bool) -> int:
+    """Print a version's manifest (default: the serving version)."""
+    from shelfsight.shared.storage import ObjectMissing
+
+    registry = _registry(settings)
+    try:
+        if version is None:
+            pointer = registry.current(category)
+            if pointer is None:
+                raise ValueError(f"{category} has no promoted model; pass a VERSION (see `shelfsight models list`)")
+            version = str(pointer.version)
+        manifest = registry.manifest(category, version).model_dump(mode="json")
+    except (ObjectMissing, ValueError) as exc:
+        return _refusal("show", exc)
+    if as_json:
+        echo_json(manifest)
+        return EXIT_OK
+    for key in ("category", "version", "architecture", "base_weights", "taxonomy_version", "created_at",
+                "parent_version", "weights_sha256", "test_set_key"):
+        click.echo(f"{key:<17} {manifest.get(key)}")
+    metrics = manifest.get("metrics", {})
+    click.echo(f"{'test macro-F1':<17} {metrics.get('test_macro_f1')}")
+    click.echo(f"{'test accuracy':<17} {metrics.get('test_accuracy')}")
+    click.echo(f"{'decision':<17} {(metrics.get('decision') or {}).get('reason')}")
+    return EXIT_OK
+
+
+def _print_pointer(category: str, pointer: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        echo_json({"category": category, **pointer})
+    else:
+        click.echo(f"{category} now serves {pointer['version']} ({pointer.get('reason')})")
+
+
+@models.command("promote")
+@click.argument("category")
+@click.argument("version")
+@click.option("--reason", default="manual promotion", show_default=True, help="Recorded with the promotion.")
+@json_option
+@pass_settings
+def models_promote(settings: Settings, category: str, version: str, reason: str, as_json: bool) -> int:
+    """Serve VERSION now and announce it to the workers."""
+    from shelfsight.shared.storage import ObjectMissing
+    from shelfsight.trainer.service import TrainerResources, promote_version
+
+    try:
+        pointer = promote_version(TrainerResources.build(settings), category, version, reason=reason)
+    except (ObjectMissing, ValueError) as exc:
+        return _refusal("promote", exc)
+    _print_pointer(category, pointer, as_json)
+    return EXIT_OK
+
+
+@models.command("rollback")
+@click.argument("category")
+@json_option
+@pass_settings
+def models_rollback(settings: Settings, category: str, as_json: bool) -> int:
+    """Serve the previously served version again, and announce it."""
+    from shelfsight.shared.storage import ObjectMissing
+    from shelfsight.trainer.service import TrainerResources, rollback_category
+
+    try:
+        pointer = rollback_category(TrainerResources.build(settings), category)
+    except (ObjectMissing, ValueError) as exc:
+        return _refusal("rollback", exc)
+    _print_pointer(category, pointer, as_json)
+    return EXIT_OK

@@ -34,9 +34,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from shared.clip_math import IGNORE
-from shared.events import LabelRecord
-from shared.imaging import decode_image
+from shelfsight.shared.clip_math import IGNORE
+from shelfsight.shared.events import LabelRecord
+from shelfsight.shared.imaging import decode_image
 
 SPLITS = ("train", "val", "test")
 

@@ -28,9 +28,9 @@ from typing import Any
 import structlog
 from pydantic import ValidationError
 
-from shared.events import LabelRecord, parse_s3_uri
-from shared.storage import ObjectStore
-from shared.taxonomy import Taxonomy
+from shelfsight.shared.events import LabelRecord, parse_s3_uri
+from shelfsight.shared.storage import ObjectStore
+from shelfsight.shared.taxonomy import Taxonomy
 
 log = structlog.get_logger()
 

@@ -3,8 +3,6 @@ the training math itself lives in trainer.train.
 
 - `train_category`: labels -> frozen splits -> fit -> test -> champion/challenger gate ->
   registry upload (+ report) -> promote and announce, under a per-category Redis lock.
-- `enqueue_training`: take the lock for a new task id, then enqueue; a second request while a
-  training is queued or running gets that task's id back instead of queueing another.
 - `import_and_trigger`: import labels, count new labels per category in Redis, enqueue a
   retrain when settings.retrain_after_labels is reached.
 """
@@ -25,23 +23,24 @@ import structlog
 from celery import Celery
 from safetensors.torch import save as save_safetensors
 
-from shared.events import LabelRecord, parse_s3_uri
-from shared.model_factory import WeightsError, create_clip, sha256_bytes
-from shared.registry import Manifest, ModelRegistry, new_version
-from shared.settings import Settings
-from shared.storage import ObjectMissing, ObjectStore, ObjectTooLarge, S3ObjectStore
-from shared.streams import announce_model
-from shared.taxonomy import Taxonomy, load_taxonomy
-from trainer.dataset import EncodedImage, LabeledImages, LazyImages, assign_splits, target_indices
-from trainer.labels import (
+from shelfsight.shared.events import LabelRecord, parse_s3_uri
+from shelfsight.shared.model_factory import WeightsError, create_clip, sha256_bytes
+from shelfsight.shared.registry import Manifest, ModelRegistry, new_version
+from shelfsight.shared.settings import Settings
+from shelfsight.shared.storage import ObjectMissing, ObjectStore, ObjectTooLarge, S3ObjectStore
+from shelfsight.shared.streams import announce_model
+from shelfsight.shared.training_jobs import acquire_training_lock, enqueue_training, release_training_lock
+from shelfsight.shared.taxonomy import Taxonomy, load_taxonomy
+from shelfsight.trainer.dataset import EncodedImage, LabeledImages, LazyImages, assign_splits, target_indices
+from shelfsight.trainer.labels import (
     ImportResult,
     LabelFileTooLarge,
     import_labels,
     label_categories,
     load_category_labels,
 )
-from trainer.report import REPORT_NAME, render_report
-from trainer.train import EvalResult, HeadSpec, TrainConfig, evaluate, fit
+from shelfsight.trainer.report import REPORT_NAME, render_report
+from shelfsight.trainer.train import EvalResult, HeadSpec, TrainConfig, evaluate, fit
 
 log = structlog.get_logger()
 
@@ -61,7 +60,7 @@ class TrainingError(Exception):
 
 @dataclass
 class TrainerResources:
-    """Per-process clients, built lazily once per Settings object."""
+    """The trainer's clients, built once per process by its composition root and passed down."""
 
     settings: Settings
     store: ObjectStore
@@ -81,35 +80,8 @@ class TrainerResources:
         )
 
 
-_resources: dict[int, TrainerResources] = {}
-_resources_lock = threading.Lock()
+# --- retrain after N new labels -------------------------------------------------------------------
 
-
-def resources_for(settings: Settings) -> TrainerResources:
-    """This process's resources for these settings (built on first use)."""
-    with _resources_lock:
-        found = _resources.get(id(settings))
-        if found is None or found.settings is not settings:
-            found = _resources[id(settings)] = TrainerResources.build(settings)
-        return found
-
-
-# --- the per-category lock ------------------------------------------------------------------------
-
-# Take the lock for `owner`, or confirm `owner` already holds it (refreshing the TTL).
-# Returns the holder: == owner means we hold it.
-_ACQUIRE = """
-local holder = redis.call('GET', KEYS[1])
-if holder == ARGV[1] or not holder then
-  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-  return ARGV[1]
-end
-return holder
-"""
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 # Add n to the category's new-label count; when it reaches the threshold, reset it and return 1.
 _COUNT = """
 local total = redis.call('INCRBY', KEYS[1], ARGV[1])
@@ -121,63 +93,8 @@ return {0, total}
 """
 
 
-def lock_key(category: str) -> str:
-    return f"shelfsight:train-lock:{category}"
-
-
 def new_labels_key(category: str) -> str:
     return f"shelfsight:new-labels:{category}"
-
-
-def acquire_training_lock(client: redis.Redis, category: str, owner: str, ttl_s: int) -> str | None:
-    """None if `owner` now holds the category's training lock, else the id of the holder."""
-    holder = client.eval(_ACQUIRE, 1, lock_key(category), owner, ttl_s)
-    holder = holder.decode() if isinstance(holder, bytes) else str(holder)
-    return None if holder == owner else holder
-
-
-def release_training_lock(client: redis.Redis, category: str, owner: str) -> bool:
-    """Release the lock if `owner` holds it."""
-    return bool(client.eval(_RELEASE, 1, lock_key(category), owner))
-
-
-def training_lock_holder(client: redis.Redis, category: str) -> str | None:
-    value = client.get(lock_key(category))
-    return value.decode() if isinstance(value, bytes) else value
-
-
-@dataclass(frozen=True)
-class Enqueued:
-    """`queued` False means a training was already queued or running: task_id is that one."""
-
-    category: str
-    task_id: str
-    queued: bool
-
-
-def enqueue_training(
-    app: Celery, resources: TrainerResources, category: str, *, caption_template: str | None = None, reason: str = ""
-) -> Enqueued:
-    """Enqueue train_category unless one is already queued or running for the category."""
-    from worker.celery_app import TRAIN_TASK
-
-    resources.taxonomy.category(category)  # KeyError with the known names
-    settings = resources.settings
-    task_id = uuid.uuid4().hex
-    holder = acquire_training_lock(resources.redis, category, task_id, settings.training_lock_ttl_s)
-    if holder is not None:
-        log.info("train.already_pending", category=category, task_id=holder, reason=reason)
-        return Enqueued(category, holder, queued=False)
-    try:
-        app.send_task(
-            TRAIN_TASK, args=[category], kwargs={"caption_template": caption_template},
-            task_id=task_id, queue=settings.training_queue,
-        )
-    except Exception:
-        release_training_lock(resources.redis, category, task_id)
-        raise
-    log.info("train.enqueued", category=category, task_id=task_id, reason=reason)
-    return Enqueued(category, task_id, queued=True)
 
 
 # --- labels ---------------------------------------------------------------------------------------
@@ -216,7 +133,7 @@ def import_and_trigger(
             _COUNT, 1, new_labels_key(category), count, settings.retrain_after_labels
         )
         if triggered and app is not None:
-            enqueued = enqueue_training(app, resources, category, reason=f"{total} new labels")
+            enqueued = enqueue_training(app, resources.redis, resources.taxonomy, category, reason=f"{total} new labels")
             if not enqueued.queued:  # the pending run may predate these labels: count them again
                 resources.redis.incrby(new_labels_key(category), total)
             summary["retrain"][category] = {"task_id": enqueued.task_id, "queued": enqueued.queued}
@@ -232,7 +149,7 @@ def retrain_all(app: Celery, resources: TrainerResources) -> dict[str, Any]:
     ]
     out = {}
     for category in categories:
-        enqueued = enqueue_training(app, resources, category, reason="schedule")
+        enqueued = enqueue_training(app, resources.redis, resources.taxonomy, category, reason="schedule")
         out[category] = {"task_id": enqueued.task_id, "queued": enqueued.queued}
     return out
 

@@ -12,8 +12,9 @@ from typing import Any
 import structlog
 from celery import Task, shared_task
 
-from trainer import service
-from worker.celery_app import IMPORT_LABELS_TASK, RETRAIN_ALL_TASK, TRAIN_TASK, settings_of
+from shelfsight.trainer import service
+from shelfsight.trainer.app import resources_of
+from shelfsight.shared.celery_app import IMPORT_LABELS_TASK, RETRAIN_ALL_TASK, TRAIN_TASK
 
 log = structlog.get_logger()
 
@@ -43,7 +44,7 @@ def _reporter(task: Task) -> service.Progress:
 @shared_task(bind=True, name=TRAIN_TASK)
 def train_category(self: Task, category: str, caption_template: str | None = None) -> dict[str, Any]:
     """Fine-tune a challenger for `category`, gate it against the champion, publish it."""
-    resources = service.resources_for(settings_of(self.app))
+    resources = resources_of(self.app)
     task_id = self.request.id or ""
     with structlog.contextvars.bound_contextvars(category=category, task_id=task_id):
         log.info("task.train.start")
@@ -68,7 +69,7 @@ def import_labels(self: Task, labels: str | Sequence[Mapping[str, Any]]) -> dict
     """
     if not isinstance(labels, str | list):
         raise TypeError("labels must be a list of label objects or an s3:// URI of a JSONL file")
-    resources = service.resources_for(settings_of(self.app))
+    resources = resources_of(self.app)
     with structlog.contextvars.bound_contextvars(task_id=self.request.id or ""):
         summary = service.import_and_trigger(resources, labels, app=self.app)
         log.info("task.labels.imported", accepted=summary["accepted"], rejected=summary["rejected"])
@@ -78,7 +79,7 @@ def import_labels(self: Task, labels: str | Sequence[Mapping[str, Any]]) -> dict
 @shared_task(bind=True, name=RETRAIN_ALL_TASK)
 def retrain_all(self: Task) -> dict[str, Any]:
     """Celery beat: enqueue a training for every category that has labels."""
-    resources = service.resources_for(settings_of(self.app))
+    resources = resources_of(self.app)
     with structlog.contextvars.bound_contextvars(task_id=self.request.id or ""):
         enqueued = service.retrain_all(self.app, resources)
         log.info("task.retrain_all", categories=sorted(enqueued))

@@ -19,16 +19,16 @@ import structlog
 import torch
 from torch import nn
 
-from shared.clip_math import (
+from shelfsight.shared.clip_math import (
     IGNORE,
     accuracy_and_macro_f1,
     confusion_matrix,
     multi_attribute_loss,
     normalize,
 )
-from shared.model_factory import ClipBundle
-from shared.settings import Settings
-from trainer.dataset import BalancedBatchSampler, LabeledImages
+from shelfsight.shared.model_factory import ClipBundle
+from shelfsight.shared.settings import Settings
+from shelfsight.trainer.dataset import BalancedBatchSampler, LabeledImages
 
 log = structlog.get_logger()
 
@@ -295,7 +295,7 @@ def fit(
     """Fine-tune `bundle.model` in place on `train`; keep the epoch with the lowest val loss.
 
     Args:
-        bundle: from shared.model_factory.create_clip, in fp32 (autocast handles bf16 on CUDA).
+        bundle: from shelfsight.shared.model_factory.create_clip, in fp32 (autocast handles bf16 on CUDA).
         spec: value names and captions per attribute; `train.targets` index into spec.values.
         train, val: images and targets. With no val set (or an empty one), the training loss
             of each epoch stands in for the validation loss.

@@ -1,9 +1,23 @@
-"""Composition root for `celery -A worker.app`: Settings built once, logging configured once."""
+"""Composition root of the extraction worker process.
 
-from shared.logs import configure_logging
-from shared.settings import Settings
-from worker.celery_app import create_celery_app
+`shelfsight worker` builds Settings once (in the CLI) and calls `create_worker_app`; the app
+carries the Settings and the process's `WorkerRuntime`. Only the extraction task module is
+registered: a worker process never imports the trainer (nor matplotlib).
+"""
 
-settings = Settings()
-configure_logging(settings.log_format, settings.log_level)
-app = create_celery_app(settings)
+from __future__ import annotations
+
+from celery import Celery
+
+from shelfsight.shared.celery_app import create_celery_app
+from shelfsight.shared.settings import Settings
+from shelfsight.worker.runtime import WorkerRuntime
+
+WORKER_TASKS = ("shelfsight.worker.tasks",)
+
+
+def create_worker_app(settings: Settings) -> Celery:
+    """The extraction worker's Celery app, with its runtime attached as `app.shelfsight_runtime`."""
+    app = create_celery_app(settings, tasks=WORKER_TASKS)
+    app.shelfsight_runtime = WorkerRuntime(settings)
+    return app

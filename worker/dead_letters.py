@@ -9,11 +9,11 @@ from typing import Any
 
 import structlog
 
-from shared.events import DeadLetter, UploadEvent, dead_letter_key
-from shared.settings import Settings
-from shared.storage import ObjectStore
-from shared.streams import EventPublisher
-from worker import metrics
+from shelfsight.shared.events import DeadLetter, UploadEvent, dead_letter_key
+from shelfsight.shared.settings import Settings
+from shelfsight.shared.storage import ObjectStore
+from shelfsight.shared.streams import EventPublisher
+from shelfsight.worker import metrics
 
 log = structlog.get_logger()
 

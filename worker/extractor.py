@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from shared.events import (
+from shelfsight.shared.events import (
     AttributeResult,
     ImageInfo,
     ModelInfo,
@@ -29,10 +29,10 @@ from shared.events import (
     parse_s3_uri,
     result_key,
 )
-from shared.imaging import ImageRejected, decode_image
-from shared.model_factory import WeightsError
-from shared.settings import Settings
-from shared.storage import (
+from shelfsight.shared.imaging import ImageRejected, decode_image
+from shelfsight.shared.model_factory import WeightsError
+from shelfsight.shared.settings import Settings
+from shelfsight.shared.storage import (
     ObjectMissing,
     ObjectStore,
     ObjectTooLarge,
@@ -40,13 +40,13 @@ from shared.storage import (
     StorageError,
     TransientStorageError,
 )
-from shared.streams import EventPublisher
-from shared.taxonomy import Taxonomy
-from worker import metrics
-from worker.batcher import BatchItem, MicroBatcher
-from worker.dead_letters import DeadLetterWriter, payload_id
-from worker.gpu_decode import decode_batch
-from worker.model_cache import CategoryModel, ModelCache
+from shelfsight.shared.streams import EventPublisher
+from shelfsight.shared.taxonomy import Taxonomy
+from shelfsight.worker import metrics
+from shelfsight.worker.batcher import BatchItem, MicroBatcher
+from shelfsight.worker.dead_letters import DeadLetterWriter, payload_id
+from shelfsight.worker.gpu_decode import decode_batch
+from shelfsight.worker.model_cache import CategoryModel, ModelCache
 
 log = structlog.get_logger()
 SCORE_DECIMALS = 4  # stable across batch composition, ample for thresholds

@@ -24,13 +24,13 @@ from typing import Any
 import structlog
 import torch
 
-from shared import clip_math
-from shared.model_factory import ClipBundle, create_clip
-from shared.registry import Manifest, ModelRegistry, Pointer
-from shared.settings import Settings
-from shared.storage import ObjectStore
-from shared.taxonomy import Taxonomy
-from worker import metrics
+from shelfsight.shared import clip_math
+from shelfsight.shared.model_factory import ClipBundle, create_clip
+from shelfsight.shared.registry import Manifest, ModelRegistry, Pointer
+from shelfsight.shared.settings import Settings
+from shelfsight.shared.storage import ObjectStore
+from shelfsight.shared.taxonomy import Taxonomy
+from shelfsight.worker import metrics
 
 log = structlog.get_logger()
 

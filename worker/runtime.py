@@ -1,4 +1,9 @@
-"""Per-process resources of the extraction worker, built once from the app's Settings."""
+"""Per-process resources of the extraction worker, built once from the app's Settings.
+
+`WorkerRuntime` rides on the Celery app (`app.shelfsight_runtime`, attached by the composition
+root in `shelfsight.worker.app`), so tasks and signal handlers reach the one instance of their
+own app; nothing is kept in module globals.
+"""
 
 from __future__ import annotations
 
@@ -8,26 +13,22 @@ import redis
 import structlog
 from celery import Celery
 
-from shared.model_factory import resolve_device
-from shared.registry import ModelRegistry
-from shared.storage import S3ObjectStore
-from shared.streams import RedisStreamPublisher
-from shared.taxonomy import load_taxonomy
-from worker import metrics
-from worker.celery_app import settings_of
-from worker.dead_letters import DeadLetterWriter
-from worker.extractor import ExtractionService
-from worker.model_cache import ModelCache
+from shelfsight.shared.model_factory import resolve_device
+from shelfsight.shared.registry import ModelRegistry
+from shelfsight.shared.settings import Settings
+from shelfsight.shared.storage import S3ObjectStore
+from shelfsight.shared.streams import RedisStreamPublisher
+from shelfsight.shared.taxonomy import load_taxonomy
+from shelfsight.worker import metrics
+from shelfsight.worker.dead_letters import DeadLetterWriter
+from shelfsight.worker.extractor import ExtractionService
+from shelfsight.worker.model_cache import ModelCache
 
 log = structlog.get_logger()
-_lock = threading.Lock()
-_services: dict[int, ExtractionService] = {}
-_dead_letter_writers: dict[int, DeadLetterWriter] = {}
 
 
-def build_extraction_service(app: Celery, *, background: bool = True) -> ExtractionService:
+def build_extraction_service(settings: Settings, *, background: bool = True) -> ExtractionService:
     """Wire store, publisher, taxonomy and model cache into an ExtractionService."""
-    settings = settings_of(app)
     if settings.torch_threads:
         import torch
 
@@ -47,38 +48,53 @@ def build_extraction_service(app: Celery, *, background: bool = True) -> Extract
     return service
 
 
-def dead_letter_writer(app: Celery) -> DeadLetterWriter:
-    """A DeadLetterWriter that needs no model, for messages that never reach a task; built once."""
-    with _lock:
-        writer = _dead_letter_writers.get(id(app))
-        if writer is None:
-            settings = settings_of(app)
-            client = redis.Redis.from_url(settings.broker_url)
-            writer = _dead_letter_writers[id(app)] = DeadLetterWriter(
-                settings, S3ObjectStore(settings), RedisStreamPublisher(client, settings.stream_maxlen)
-            )
-        return writer
+class WorkerRuntime:
+    """The extraction service and the model-free dead-letter writer of one worker process.
+
+    Both are built on first use (the service loads a model, so not at import or app creation).
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._service: ExtractionService | None = None
+        self._dead_letters: DeadLetterWriter | None = None
+
+    @property
+    def service(self) -> ExtractionService:
+        """The process's ExtractionService, built on first use."""
+        with self._lock:
+            if self._service is None:
+                self._service = build_extraction_service(self.settings)
+            return self._service
+
+    @property
+    def dead_letters(self) -> DeadLetterWriter:
+        """A DeadLetterWriter that needs no model, for messages that never reach a task."""
+        with self._lock:
+            if self._dead_letters is None:
+                client = redis.Redis.from_url(self.settings.broker_url)
+                self._dead_letters = DeadLetterWriter(
+                    self.settings, S3ObjectStore(self.settings),
+                    RedisStreamPublisher(client, self.settings.stream_maxlen),
+                )
+            return self._dead_letters
+
+    def warm_up(self) -> None:
+        """Build the service and the base model before the first event arrives; serve metrics."""
+        self.service.models.base_bundle()
+        metrics.serve_metrics(self.settings.metrics_port)
+
+    def shutdown(self) -> None:
+        """Stop the model watcher and the batcher lanes (idempotent)."""
+        with self._lock:
+            service, self._service = self._service, None
+        if service is not None:
+            service.models.stop()
+            service.close()
 
 
-def extraction_service(app: Celery) -> ExtractionService:
-    """The process's ExtractionService, built on first use."""
-    with _lock:
-        service = _services.get(id(app))
-        if service is None:
-            service = _services[id(app)] = build_extraction_service(app)
-        return service
-
-
-def warm_up(app: Celery) -> None:
-    """Build the service and the base model before the first event arrives."""
-    service = extraction_service(app)
-    service.models.base_bundle()
-    metrics.serve_metrics(settings_of(app).metrics_port)
-
-
-def shutdown(app: Celery) -> None:
-    with _lock:
-        service = _services.pop(id(app), None)
-    if service is not None:
-        service.models.stop()
-        service.close()
+def runtime_of(app: Celery) -> WorkerRuntime:
+    """The WorkerRuntime the composition root attached to `app`."""
+    runtime: WorkerRuntime = app.shelfsight_runtime
+    return runtime

@@ -1,4 +1,8 @@
-"""Thin Celery tasks of the extraction worker."""
+"""Thin Celery tasks of the extraction worker, and the signal hooks of its process.
+
+Imported only by the extraction worker's app (see shelfsight.worker.app), so the hooks below
+never run in the trainer or in a producer.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,8 @@ from typing import Any
 from celery import shared_task
 from celery.signals import task_rejected, task_unknown, worker_ready, worker_shutdown
 
-from worker.celery_app import EXTRACT_TASK
-from worker.runtime import dead_letter_writer, extraction_service, shutdown, warm_up
+from shelfsight.shared.celery_app import EXTRACT_TASK
+from shelfsight.worker.runtime import WorkerRuntime, runtime_of
 
 
 @shared_task(bind=True, name=EXTRACT_TASK, max_retries=None, ignore_result=True)
@@ -18,29 +22,30 @@ def extract(self, event: Any = None, **unexpected: Any) -> dict[str, Any]:  # no
     Takes anything, so a malformed message still reaches the service and is dead-lettered.
     """
     payload = event if not unexpected else {"event": event, **unexpected}
-    outcome = extraction_service(self.app).process(payload, attempt=self.request.retries + 1)
+    outcome = runtime_of(self.app).service.process(payload, attempt=self.request.retries + 1)
     if outcome.status == "retry":
         raise self.retry(countdown=outcome.retry_in)
     return outcome.summary()
 
 
+def _runtime(sender: Any) -> WorkerRuntime | None:
+    """The runtime of the sender's app; None for an app that is not an extraction worker's
+    (signals are process-global, and a test process runs several kinds of app)."""
+    return getattr(getattr(sender, "app", None), "shelfsight_runtime", None)
+
+
 @worker_ready.connect
 def _on_ready(sender: Any = None, **_: Any) -> None:
-    if sender is not None and sender.app.conf.task_default_queue in _queues(sender):
-        warm_up(sender.app)
+    runtime = _runtime(sender)
+    if runtime is not None:
+        runtime.warm_up()
 
 
 @worker_shutdown.connect
 def _on_shutdown(sender: Any = None, **_: Any) -> None:
-    if sender is not None:
-        shutdown(sender.app)
-
-
-def _queues(consumer: Any) -> set[str]:
-    try:
-        return {q.name for q in consumer.task_consumer.queues}
-    except AttributeError:
-        return set()
+    runtime = _runtime(sender)
+    if runtime is not None:
+        runtime.shutdown()
 
 
 @task_unknown.connect
@@ -56,8 +61,9 @@ def _on_rejected(sender: Any = None, message: Any = None, **_: Any) -> None:
 
 
 def _record_undeliverable(consumer: Any, message: Any, reason: str) -> None:
-    if consumer is None:
+    runtime = _runtime(consumer)
+    if runtime is None:
         return
     body = getattr(message, "body", b"")
     text = body.decode("utf-8", "replace") if isinstance(body, bytes) else str(body)
-    dead_letter_writer(consumer.app).record(text, None, "malformed_event", reason, attempt=1)
+    runtime.dead_letters.record(text, None, "malformed_event", reason, attempt=1)

@@ -9,8 +9,8 @@ from urllib.parse import unquote_plus
 
 from celery import Celery
 
-from shared.events import UploadEvent
-from worker.celery_app import EXTRACT_TASK
+from shelfsight.shared.events import UploadEvent
+from shelfsight.shared.celery_app import EXTRACT_TASK
 
 
 def enqueue_event(app: Celery, event: UploadEvent) -> str:

@@ -1,11 +1,19 @@
-"""Celery app factory: at-least-once, JSON-only, deliberate prefetch, CUDA-safe pools."""
+"""The Celery app factory, task names and routes: what producers, workers and the trainer share.
+
+At-least-once, JSON-only, deliberate prefetch, CUDA-safe pools. Producers (upload pipelines,
+the CLI, the demo) build the app with no task modules and send tasks by name, so enqueueing
+never loads the worker or the trainer. Each worker kind's composition root passes its own
+task module in `tasks`.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from celery import Celery
 from kombu import Queue
 
-from shared.settings import Settings
+from shelfsight.shared.settings import Settings
 
 EXTRACT_TASK = "shelfsight.extract"
 TRAIN_TASK = "shelfsight.train_category"
@@ -13,10 +21,11 @@ IMPORT_LABELS_TASK = "shelfsight.import_labels"
 RETRAIN_ALL_TASK = "shelfsight.retrain_all"
 
 
-def create_celery_app(settings: Settings) -> Celery:
-    """Build the Celery app shared by the extraction worker, the trainer and the enqueuers.
+def create_celery_app(settings: Settings, *, tasks: Sequence[str] = ()) -> Celery:
+    """Build a Celery app for these settings.
 
-    The Settings object rides on the app (``app.shelfsight_settings``) so tasks reach it
+    `tasks` names the task modules this process registers (none for a producer). The
+    Settings object rides on the app (``app.shelfsight_settings``) so tasks reach it
     without building a second one.
     """
     app = Celery("shelfsight", broker=settings.broker_url, backend=settings.result_backend)
@@ -50,7 +59,7 @@ def create_celery_app(settings: Settings) -> Celery:
         task_send_sent_event=True,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
-        imports=["worker.tasks", "trainer.tasks"],
+        imports=list(tasks),
         beat_schedule=(
             {"retrain-all": {"task": RETRAIN_ALL_TASK, "schedule": settings.retrain_schedule_s}}
             if settings.retrain_schedule_s > 0

@@ -23,7 +23,7 @@ import numpy as np
 import structlog
 from PIL import Image, ImageDraw, ImageFilter
 
-from shared.storage import ObjectStore
+from shelfsight.shared.storage import ObjectStore
 
 log = structlog.get_logger()
 

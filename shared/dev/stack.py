@@ -31,15 +31,14 @@ from types import TracebackType
 import structlog
 from pydantic import SecretStr
 
-from shared.services import free_port, redis_server_binary
-from shared.settings import Settings
-from shared.storage import S3ObjectStore
+from shelfsight.shared.dev.services import free_port, redis_server_binary
+from shelfsight.shared.settings import Settings
+from shelfsight.shared.storage import S3ObjectStore
 
 log = structlog.get_logger()
 
 STATE_FILE = "state.json"
 S3_KEY = "test"  # moto accepts any credentials; these are the conventional dummy ones
-REPO_ROOT = Path(__file__).resolve().parents[1]  # the directory that holds `shared/`
 SERVICE_TIMEOUT_S = 30.0
 WORKER_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 15.0
@@ -78,6 +77,19 @@ class DevStack:
     @property
     def state_path(self) -> Path:
         return self.state_dir / STATE_FILE
+
+    def client_settings(self, base: Settings) -> Settings:
+        """`base` pointed at this stack's Redis and S3: what a client of the stack uses."""
+        redis_url = f"redis://127.0.0.1:{self.ports['redis']}"
+        return base.model_copy(update={
+            "broker_url": f"{redis_url}/0",
+            "result_backend": f"{redis_url}/1",
+            "s3_endpoint_url": f"http://127.0.0.1:{self.ports['s3']}",
+            "s3_access_key_id": SecretStr(S3_KEY),
+            "s3_secret_access_key": SecretStr(S3_KEY),
+            "bucket": self.bucket,
+            "allowed_image_buckets": [self.bucket],
+        })
 
     def export_lines(self) -> list[str]:
         """`export K=V` lines for `eval`, plus comment lines with the URLs."""
@@ -229,7 +241,6 @@ def port_open(port: int) -> bool:
 
 def _child_env(overrides: dict[str, str]) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     env["PYTHONUNBUFFERED"] = "1"
     env.update(overrides)
     return env
@@ -385,8 +396,8 @@ def _lock(state_dir: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def start_stack(state_dir: Path, *, worker: bool = True, trainer: bool = False, flower: bool = True,
-                extra_env: dict[str, str] | None = None, settings: Settings | None = None,
+def start_stack(state_dir: Path, settings: Settings, *, worker: bool = True, trainer: bool = False,
+                flower: bool = True, extra_env: dict[str, str] | None = None,
                 timeout_s: float = WORKER_TIMEOUT_S) -> DevStack:
     """Start Redis, moto S3 (with the bucket), and optionally worker, trainer and Flower.
 
@@ -395,7 +406,6 @@ def start_stack(state_dir: Path, *, worker: bool = True, trainer: bool = False, 
     started is stopped again and DevStackError says which log to read. Refuses to start a
     second stack in a state dir whose stack is still alive.
     """
-    settings = settings or Settings()
     state_dir = Path(state_dir).resolve()
     (state_dir / "logs").mkdir(parents=True, exist_ok=True)
     extra_env = dict(extra_env or {})
@@ -449,15 +459,10 @@ def _start_all(stack: DevStack, settings: Settings, extra_env: dict[str, str], *
     info = _launch(stack, "s3", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
                                  "-p", str(s3_port)], child_env)
     _wait(info, "listening", lambda: port_open(s3_port), SERVICE_TIMEOUT_S)
-    s3_settings = settings.model_copy(update={
-        "s3_endpoint_url": stack.env["SHELFSIGHT_S3_ENDPOINT_URL"],
-        "s3_access_key_id": SecretStr(S3_KEY),
-        "s3_secret_access_key": SecretStr(S3_KEY),
-    })
-    S3ObjectStore(s3_settings).ensure_bucket(stack.bucket)
+    S3ObjectStore(stack.client_settings(settings)).ensure_bucket(stack.bucket)
 
     broker = stack.env["SHELFSIGHT_BROKER_URL"]
-    cli = [sys.executable, "-m", "shared.cli"]
+    cli = [sys.executable, "-m", "shelfsight.shared.cli"]
     if worker:
         info = _launch(stack, "worker", [*cli, "worker"], child_env)
         _wait(info, "answering celery ping", lambda: _celery_ping(broker, "extract@"), timeout_s)

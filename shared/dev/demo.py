@@ -11,16 +11,21 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
-from shared.devstack import start_stack
-from shared.events import result_key
-from shared.samples import SampleProduct, generate_products, upload_products
-from shared.settings import Settings
-from shared.storage import S3ObjectStore
+import redis
+
+from shelfsight.shared.celery_app import IMPORT_LABELS_TASK, create_celery_app
+from shelfsight.shared.dev.samples import SampleProduct, generate_products, upload_products
+from shelfsight.shared.dev.stack import start_stack
+from shelfsight.shared.enqueue import enqueue_upload
+from shelfsight.shared.events import result_key
+from shelfsight.shared.settings import Settings
+from shelfsight.shared.storage import S3ObjectStore
+from shelfsight.shared.taxonomy import load_taxonomy
+from shelfsight.shared.training_jobs import enqueue_training
 
 # Short, CPU-friendly training for the demo: a few epochs on small sample sets.
 DEMO_TRAINING_ENV = {
@@ -37,16 +42,8 @@ LABELED = {"pans": 48, "tops": 96}
 HELD_OUT = {"pans": 8, "tops": 8}
 
 
-def _stack_settings(env: dict[str, str]) -> Settings:
-    os.environ.update(env)
-    return Settings()
-
-
 def extract_and_wait(settings: Settings, products: list[SampleProduct], uris: list[str], timeout_s: float = 300) -> dict[str, dict]:
     """Enqueue every product and wait for a result newer than this call; results by product id."""
-    from worker.celery_app import create_celery_app
-    from worker.enqueue import enqueue_upload
-
     app = create_celery_app(settings)
     store = S3ObjectStore(settings)
     event_ids = {
@@ -89,21 +86,20 @@ def print_table(products: list[SampleProduct], results: dict[str, dict]) -> floa
     return accuracy
 
 
-def _labels_jsonl(products: list[SampleProduct], uris: list[str]) -> bytes:
-    lines = [
-        json.dumps({"product_id": p.product_id, "category": p.category, "image": uri, "attributes": p.attributes})
-        for p, uri in zip(products, uris, strict=True)
-    ]
-    return ("\n".join(lines) + "\n").encode()
+def _import_labels(settings: Settings, products: list[SampleProduct], uris: list[str]) -> dict[str, Any]:
+    """Send the labels to the trainer worker's import task, as a data team's script would."""
+    labels = [{"product_id": p.product_id, "category": p.category, "image": uri, "attributes": p.attributes}
+              for p, uri in zip(products, uris, strict=True)]
+    result = create_celery_app(settings).send_task(IMPORT_LABELS_TASK, args=[labels])
+    summary: dict[str, Any] = result.get(timeout=120)
+    return summary
 
 
 def _train(settings: Settings, category: str) -> dict:
     """Enqueue a training on the trainer worker and follow its progress states."""
-    from trainer.service import enqueue_training, resources_for
-    from worker.celery_app import create_celery_app
-
     app = create_celery_app(settings)
-    enqueued = enqueue_training(app, resources_for(settings), category, reason="demo")
+    enqueued = enqueue_training(app, redis.Redis.from_url(settings.broker_url),
+                                load_taxonomy(settings.taxonomy_path), category, reason="demo")
     result = app.AsyncResult(enqueued.task_id)
     last = None
     while not result.ready():
@@ -130,11 +126,6 @@ def _wait_for_swap(settings: Settings, category: str, version: str, uri: str, pr
 
 def show_dead_letter(settings: Settings, store: S3ObjectStore, timeout_s: float = 60) -> None:
     """Upload a corrupt image, enqueue it, and print the dead letter the worker records."""
-    import redis
-
-    from worker.celery_app import create_celery_app
-    from worker.enqueue import enqueue_upload
-
     store.put(settings.bucket, "uploads/pans/broken-1.jpg", b"\xff\xd8\xff\xe0 this upload was cut short", "image/jpeg")
     event_id = enqueue_upload(create_celery_app(settings), product_id="broken-1", category="pans",
                               image=f"s3://{settings.bucket}/uploads/pans/broken-1.jpg")
@@ -152,10 +143,10 @@ def show_dead_letter(settings: Settings, store: S3ObjectStore, timeout_s: float 
     raise TimeoutError(f"no dead letter for {event_id} after {timeout_s}s")
 
 
-def run_demo(state_dir: Path) -> int:
-    """The `make demo` job. Returns a process exit code."""
-    with start_stack(state_dir, worker=True, trainer=True, flower=True, extra_env=DEMO_TRAINING_ENV) as stack:
-        settings = _stack_settings(stack.env)
+def run_demo(state_dir: Path, base: Settings) -> int:
+    """The `make demo` job, run against a fresh stack configured from `base`. Returns an exit code."""
+    with start_stack(state_dir, base, worker=True, trainer=True, flower=True, extra_env=DEMO_TRAINING_ENV) as stack:
+        settings = stack.client_settings(base)
         worker_pid = stack.processes["worker"].pid
         print("dev stack up:", ", ".join(f"{k}=127.0.0.1:{v}" for k, v in stack.ports.items()),
               f"(Flower basic auth: SHELFSIGHT_FLOWER_BASIC_AUTH; worker pid {worker_pid})")
@@ -171,11 +162,9 @@ def run_demo(state_dir: Path) -> int:
         show_dead_letter(settings, store)
 
         print("\n== 2. labels: import sample labels for each category")
-        from trainer.service import import_and_trigger, resources_for
-
         labeled = [p for c, n in LABELED.items() for p in generate_products(c, n, seed=7)]
         labeled_uris = upload_products(labeled, store, settings.bucket, prefix="labeled")
-        summary = import_and_trigger(resources_for(settings), _labels_jsonl(labeled, labeled_uris))
+        summary = _import_labels(settings, labeled, labeled_uris)
         print(f"  accepted {summary['accepted']} labels, rejected {summary['rejected']}")
 
         print("\n== 3. train each category on the trainer worker (progress from Celery task state)")
