@@ -25,7 +25,7 @@ from shelfsight.shared.storage import S3ObjectStore
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 AUTH = "dev:s3cret"
 
 

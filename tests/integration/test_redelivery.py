@@ -18,7 +18,7 @@ from shelfsight.shared.celery_app import create_celery_app
 from shelfsight.shared.enqueue import enqueue_upload
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _start_worker(settings: Settings, log: Path, **overrides: str) -> subprocess.Popen:
