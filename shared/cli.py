@@ -50,7 +50,7 @@ def pass_settings(command: F) -> F:
 
     @click.pass_context
     def wrapper(ctx: click.Context, /, *args: Any, **kwargs: Any) -> Any:
-        return ctx.invoke(command, ctx.find_object(CliContext).settings, *args, **kwargs)
+        return ctx.invoke(command, ctx.ensure_object(CliContext).settings, *args, **kwargs)
 
     return update_wrapper(wrapper, command)  # type: ignore[return-value]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import BinaryIO
 
 import click
 from pydantic import ValidationError
@@ -30,7 +31,7 @@ MAX_NOTIFICATION_BYTES = 1 << 20  # an S3 notification carries a few records, ne
 @json_option
 @pass_settings
 def enqueue(settings: Settings, product_id: str | None, category: str | None, image: str | None,
-            event_id: str | None, s3_notification: click.utils.LazyFile | None, as_json: bool) -> int:
+            event_id: str | None, s3_notification: BinaryIO | None, as_json: bool) -> int:
     """Enqueue an upload event; print its event id (one per line for a notification)."""
     app = create_celery_app(settings)
     try:
