@@ -156,7 +156,13 @@ class Settings(BaseSettings):
     log_format: Literal["json", "console"] = Field("console", description="structlog renderer.")
     log_level: str = Field("INFO", description="Log level.")
     metrics_port: int = Field(
-        0, description="Port of the worker's Prometheus /metrics listener on 127.0.0.1; 0 disables."
+        0, description="Port of the Prometheus /metrics listener of the worker, trainer or relay "
+        "process; 0 disables."
+    )
+    metrics_address: str = Field(
+        "127.0.0.1",
+        description="Bind address of the /metrics listener. 0.0.0.0 in a container or pod, so "
+        "Prometheus can scrape it from outside.",
     )
     flower_basic_auth: SecretStr = Field(
         SecretStr("admin:shelfsight"), description="user:password that protects Flower."
@@ -165,6 +171,40 @@ class Settings(BaseSettings):
         r"^(?:[^/]+/)*(?P<category>[^/]+)/(?P<product_id>[^/.]+)\.[A-Za-z0-9]+$",
         description="Regex with named groups `category` and `product_id` that maps an uploaded "
         "object's key to the product it shows (S3 ObjectCreated notifications).",
+    )
+
+    # --- relay (`shelfsight relay`: storage notifications -> upload events) -------------------
+    sqs_endpoint_url: str | None = Field(
+        None, description="SQS endpoint URL for `relay --sqs`; empty means AWS. `shelfsight dev up` "
+        "points it at its moto server."
+    )
+    sqs_region: str = Field("us-east-1", description="SQS region name (credentials: boto3 chain).")
+    relay_batch_size: int = Field(
+        10, description="Notifications the relay takes per batch (SQS allows at most 10)."
+    )
+    relay_poll_wait_s: float = Field(
+        10.0, description="Longest the relay blocks waiting for a notification (SQS long poll, "
+        "capped at 20; BLMOVE timeout). Also bounds how long a stop request waits."
+    )
+    relay_sqs_visibility_timeout_s: int = Field(
+        0, description="Visibility timeout the relay asks for on each SQS receive; 0 uses the "
+        "queue's own. Must exceed the time to enqueue one batch."
+    )
+    relay_redis_url: str | None = Field(
+        None, description="Redis holding the notification list for `relay --redis-list` (MinIO's "
+        "Redis target); empty means broker_url."
+    )
+    relay_webhook_token: SecretStr | None = Field(
+        None, description="Bearer token a webhook sender (MinIO's webhook target) must present to "
+        "`relay --webhook`; the webhook refuses to start without one."
+    )
+    relay_max_body_bytes: int = Field(
+        1 << 20, description="Largest notification the relay accepts (webhook body, SQS message, "
+        "list item); bigger ones are dead-lettered (webhook: 413)."
+    )
+    relay_retry_backoff_s: float = Field(
+        1.0, description="Pause after a failed enqueue (broker down) before retrying; doubles "
+        "each time, up to 30 s. The notification stays at its source meanwhile."
     )
 
     def effective_concurrency(self) -> int:
