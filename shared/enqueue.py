@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import re
+import time
 from datetime import datetime
 from typing import Any
 from urllib.parse import unquote_plus
 
 from celery import Celery
-
-from shelfsight.shared.events import UploadEvent
 from shelfsight.shared.celery_app import EXTRACT_TASK
+from shelfsight.shared.events import UploadEvent
+
+# Message header with the enqueue time (Unix seconds): kombu puts no timestamp on a Redis
+# message, and the queue's oldest-message age (shelfsight.shared.observability) needs one.
+ENQUEUED_AT_HEADER = "shelfsight_enqueued_at"
 
 
 def enqueue_event(app: Celery, event: UploadEvent) -> str:
     """Send a validated event to the extract queue. The Celery task id is the event id."""
     payload = event.model_dump(mode="json")
-    app.send_task(EXTRACT_TASK, args=[payload], task_id=event.event_id)
+    app.send_task(EXTRACT_TASK, args=[payload], task_id=event.event_id,
+                  headers={ENQUEUED_AT_HEADER: time.time()})
     return event.event_id
 
 

@@ -6,14 +6,15 @@ lives on the ground floor: triggering a training never loads the trainer.
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass
 
 import redis
 import structlog
 from celery import Celery
-
 from shelfsight.shared.celery_app import TRAIN_TASK, settings_of
+from shelfsight.shared.enqueue import ENQUEUED_AT_HEADER
 from shelfsight.shared.taxonomy import Taxonomy
 
 log = structlog.get_logger()
@@ -86,6 +87,7 @@ def enqueue_training(
         app.send_task(
             TRAIN_TASK, args=[category], kwargs={"caption_template": caption_template},
             task_id=task_id, queue=settings.training_queue,
+            headers={ENQUEUED_AT_HEADER: time.time()},  # for the queue-age metric
         )
     except Exception:
         release_training_lock(client, category, task_id)
