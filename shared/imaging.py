@@ -7,13 +7,7 @@ import warnings
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-
-class ImageRejected(Exception):
-    """The bytes are not an image we will decode. `code` is the dead-letter error code."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+from shelfsight.shared.errors import Rejected
 
 
 def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, draft_size: int | None = None) -> Image.Image:
@@ -24,14 +18,14 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, draft_size: in
     scale (DCT-domain downscale), no smaller than draft_size on the short side.
     """
     if len(data) > max_bytes:
-        raise ImageRejected("image_too_large", f"image is {len(data)} bytes; the limit is {max_bytes}")
+        raise Rejected("image_too_large", f"image is {len(data)} bytes; the limit is {max_bytes}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > max_pixels:
-                raise ImageRejected(
+                raise Rejected(
                     "image_too_many_pixels",
                     f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}",
                 )
@@ -42,14 +36,14 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, draft_size: in
             image.load()
             upright: Image.Image = ImageOps.exif_transpose(image) or image
             return upright if upright.mode == "RGB" else _to_rgb(upright)
-    except ImageRejected:
+    except Rejected:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageRejected(
+        raise Rejected(
             "image_too_many_pixels", f"decompression bomb refused: {exc}; the limit is {max_pixels} pixels"
         ) from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageRejected("undecodable_image", f"cannot decode image: {type(exc).__name__}: {exc}") from exc
+        raise Rejected("undecodable_image", f"cannot decode image: {type(exc).__name__}: {exc}") from exc
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -9,7 +9,7 @@ from typing import Any
 
 import structlog
 
-from shelfsight.shared.events import DeadLetter, UploadEvent, dead_letter_key
+from shelfsight.shared.events import DeadLetter, ErrorCode, UploadEvent, dead_letter_key
 from shelfsight.shared.settings import Settings
 from shelfsight.shared.storage import ObjectStore
 from shelfsight.shared.streams import EventPublisher
@@ -27,7 +27,9 @@ class DeadLetterWriter:
         self.publisher = publisher
         self.worker_name = socket.gethostname()
 
-    def record(self, raw: Any, event: UploadEvent | None, code: str, message: str, attempt: int) -> str:
+    def record(
+        self, raw: Any, event: UploadEvent | None, code: ErrorCode, message: str, attempt: int
+    ) -> str:
         """Record a dead letter for `raw` (the payload as received); returns its S3 key."""
         event_id = event.event_id if event else payload_id(raw)
         letter = DeadLetter(

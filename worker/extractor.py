@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from shelfsight.shared.events import (
     AttributeResult,
+    ErrorCode,
     ImageInfo,
     ModelInfo,
     ResultRecord,
@@ -29,7 +30,8 @@ from shelfsight.shared.events import (
     parse_s3_uri,
     result_key,
 )
-from shelfsight.shared.imaging import ImageRejected, decode_image
+from shelfsight.shared.errors import Rejected
+from shelfsight.shared.imaging import decode_image
 from shelfsight.shared.model_factory import WeightsError
 from shelfsight.shared.settings import Settings
 from shelfsight.shared.storage import (
@@ -50,14 +52,6 @@ from shelfsight.worker.model_cache import CategoryModel, ModelCache
 
 log = structlog.get_logger()
 SCORE_DECIMALS = 4  # stable across batch composition, ample for thresholds
-
-
-class Rejected(Exception):
-    """A permanent problem with the event or its image: dead-letter it, do not retry."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass
@@ -226,13 +220,10 @@ class ExtractionService:
                 raise Rejected("image_too_many_pixels",
                                f"image is {width}x{height}; the limit is {self.settings.max_image_pixels} pixels")
             return Prepared(None, data, model.image_size, width, height)
-        try:
-            image = decode_image(
-                data, max_bytes=self.settings.max_image_bytes, max_pixels=self.settings.max_image_pixels,
-                draft_size=model.image_size,
-            )
-        except ImageRejected as exc:
-            raise Rejected(exc.code, str(exc)) from exc
+        image = decode_image(
+            data, max_bytes=self.settings.max_image_bytes, max_pixels=self.settings.max_image_pixels,
+            draft_size=model.image_size,
+        )
         return Prepared(model.preprocess(image), None, model.image_size, *image.size)
 
     def _cpu_pixels(self, prepared: Prepared, model: CategoryModel) -> torch.Tensor:
@@ -240,11 +231,8 @@ class ExtractionService:
         if prepared.pixels is not None:
             return prepared.pixels
         assert prepared.jpeg is not None
-        try:
-            image = decode_image(prepared.jpeg, max_bytes=self.settings.max_image_bytes,
-                                 max_pixels=self.settings.max_image_pixels, draft_size=model.image_size)
-        except ImageRejected as exc:
-            raise Rejected(exc.code, str(exc)) from exc
+        image = decode_image(prepared.jpeg, max_bytes=self.settings.max_image_bytes,
+                             max_pixels=self.settings.max_image_pixels, draft_size=model.image_size)
         return model.preprocess(image)
 
     def _gpu_decode(self, model: CategoryModel) -> bool:
@@ -369,7 +357,7 @@ class ExtractionService:
             return None, stored.etag
 
     def _dead_letter(
-        self, raw: Any, event: UploadEvent | None, code: str, message: str, attempt: int
+        self, raw: Any, event: UploadEvent | None, code: ErrorCode, message: str, attempt: int
     ) -> Outcome:
         key = self.dead_letters.record(raw, event, code, message, attempt)
         event_id = event.event_id if event else payload_id(raw)

@@ -7,7 +7,8 @@ import io
 import pytest
 from PIL import Image
 
-from shelfsight.shared.imaging import ImageRejected, decode_image
+from shelfsight.shared.errors import Rejected
+from shelfsight.shared.imaging import decode_image
 
 LIMITS = {"max_bytes": 5_000_000, "max_pixels": 4_000_000}
 
@@ -49,24 +50,24 @@ def test_pixel_limit_is_checked_before_decoding() -> None:
     buffer = io.BytesIO()
     Image.new("L", (7_000, 7_000)).save(buffer, format="PNG", optimize=True)
     assert len(buffer.getvalue()) < 1_000_000
-    with pytest.raises(ImageRejected) as caught:
+    with pytest.raises(Rejected) as caught:
         decode_image(buffer.getvalue(), **LIMITS)
     assert caught.value.code == "image_too_many_pixels" and "7000x7000" in str(caught.value)
     # past PIL's own bomb guard (> 2 x 89 MP) the same code comes back
     huge = io.BytesIO()
     Image.new("1", (14_000, 14_000)).save(huge, format="PNG", optimize=True)
-    with pytest.raises(ImageRejected) as bomb:
+    with pytest.raises(Rejected) as bomb:
         decode_image(huge.getvalue(), **LIMITS)
     assert bomb.value.code == "image_too_many_pixels" and str(LIMITS["max_pixels"]) in str(bomb.value)
 
 
 def test_byte_limit_and_garbage() -> None:
     data = _jpeg(Image.new("RGB", (50, 50)))
-    with pytest.raises(ImageRejected) as too_big:
+    with pytest.raises(Rejected) as too_big:
         decode_image(data, max_bytes=len(data) - 1, max_pixels=10**6)
     assert too_big.value.code == "image_too_large"
     for garbage in (b"", b"GIF89a\x00\x00", data[: len(data) // 3]):
-        with pytest.raises(ImageRejected) as bad:
+        with pytest.raises(Rejected) as bad:
             decode_image(garbage, **LIMITS)
         assert bad.value.code == "undecodable_image"
 
