@@ -10,10 +10,13 @@ from typing import TypeVar
 
 from PIL import Image
 
+from shelfsight.shared.registry import ModelRegistry
 from shelfsight.shared.settings import Settings
 from shelfsight.shared.storage import ObjectStore
 
 T = TypeVar("T")
+
+TINY_ARCH = "shelfsight-tiny"
 
 
 def wait_for(condition: Callable[[], T], timeout: float = 60.0, interval: float = 0.05) -> T:
@@ -38,6 +41,28 @@ def png_bytes(mode: str = "RGBA", size: tuple[int, int] = (40, 30)) -> bytes:
     buffer = io.BytesIO()
     Image.new(mode, size).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def distinct_tiny_weights(seed: int) -> dict:
+    """A state dict of the tiny model that differs from its seeded random init."""
+    import torch
+
+    from shelfsight.shared.model_factory import create_clip
+
+    state = {k: v.detach().clone().contiguous() for k, v in create_clip(TINY_ARCH, "none").model.state_dict().items()}
+    generator = torch.Generator().manual_seed(seed)
+    for name in ("visual.proj", "text_projection"):
+        state[name] = torch.randn(state[name].shape, generator=generator)
+    return state
+
+
+def assert_weights_loaded(bundle: object, state: dict) -> None:
+    """The bundle's model carries exactly these tensors (a sample that covers both towers)."""
+    import torch
+
+    loaded = bundle.model.state_dict()  # type: ignore[attr-defined]
+    for name in ("visual.proj", "text_projection", "visual.conv1.weight"):
+        assert torch.equal(loaded[name].float(), state[name].float()), name
 
 
 def publish_tiny_version(settings: Settings, store: ObjectStore, category: str, seed: int,
@@ -66,6 +91,17 @@ def publish_tiny_version(settings: Settings, store: ObjectStore, category: str, 
     ), weights)
     registry.promote(category, version, reason="test")
     return version
+
+
+def upload_fake_version(registry: ModelRegistry, version: str, f1: float = 0.5, category: str = "pans") -> None:
+    """Upload a registry version with placeholder weights (for registry bookkeeping, not loading)."""
+    from shelfsight.shared.registry import Manifest
+
+    registry.upload_version(Manifest(
+        category=category, version=version, architecture=TINY_ARCH, base_weights="none", taxonomy_version="t",
+        values={"lid": ["yes", "no"]}, captions={"lid": ["with lid", "without lid"]},
+        weights_sha256="0" * 64, weights_bytes=1, metrics={"test_macro_f1": f1},
+    ), b"w")
 
 
 @contextlib.contextmanager

@@ -23,8 +23,6 @@ from shelfsight.shared.dev.stack import (
 from shelfsight.shared.settings import Settings
 from shelfsight.shared.storage import S3ObjectStore
 
-pytestmark = pytest.mark.integration
-
 REPO = Path(__file__).resolve().parents[2]
 AUTH = "dev:s3cret"
 

@@ -15,8 +15,6 @@ from tests.helpers import extraction_worker, jpeg_bytes, publish_tiny_version, w
 from shelfsight.worker.runtime import runtime_of
 from shelfsight.shared.enqueue import enqueue_upload
 
-pytestmark = pytest.mark.integration
-
 
 def publish_version(settings: Settings, store: S3ObjectStore, category: str, seed: int,
                     *, corrupt_sha: bool = False) -> str:

@@ -15,8 +15,6 @@ from tests.helpers import extraction_worker, jpeg_bytes, wait_for
 from shelfsight.shared.celery_app import EXTRACT_TASK
 from shelfsight.shared.enqueue import enqueue_event, enqueue_upload
 
-pytestmark = pytest.mark.integration
-
 
 @pytest.fixture
 def running_worker(settings: Settings) -> Iterator:

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import redis
 
 from shelfsight.shared.settings import Settings
@@ -17,7 +16,6 @@ from tests.helpers import jpeg_bytes, wait_for
 from shelfsight.shared.celery_app import create_celery_app
 from shelfsight.shared.enqueue import enqueue_upload
 
-pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 

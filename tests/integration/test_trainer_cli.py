@@ -20,8 +20,6 @@ from shelfsight.shared.training_jobs import training_lock_holder
 from shelfsight.trainer.labels import load_category_labels
 from shelfsight.trainer.app import create_trainer_app
 
-pytestmark = pytest.mark.integration
-
 
 @pytest.fixture(autouse=True)
 def _logs_to_stderr() -> None:

@@ -18,8 +18,6 @@ from shelfsight.trainer import service
 from shelfsight.shared.celery_app import IMPORT_LABELS_TASK, TRAIN_TASK
 from shelfsight.shared import training_jobs
 
-pytestmark = pytest.mark.integration
-
 
 def _app(settings: Settings):  # noqa: ANN202
     from shelfsight.trainer.app import create_trainer_app

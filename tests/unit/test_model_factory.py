@@ -12,41 +12,25 @@ from safetensors.torch import save as save_safetensors
 
 from shelfsight.shared import model_factory
 from shelfsight.shared.model_factory import WeightsError, create_clip, sha256_bytes
-from shelfsight.shared.storage import S3ObjectStore
-
-ARCH = "shelfsight-tiny"
-
-
-def _distinct_weights(seed: int) -> dict[str, torch.Tensor]:
-    """A state dict that differs from the seeded random init."""
-    state = {k: v.detach().clone().contiguous() for k, v in create_clip(ARCH, "none").model.state_dict().items()}
-    generator = torch.Generator().manual_seed(seed)
-    for name in ("visual.proj", "text_projection"):
-        state[name] = torch.randn(state[name].shape, generator=generator)
-    return state
-
-
-def _assert_loaded(bundle: model_factory.ClipBundle, state: dict[str, torch.Tensor]) -> None:
-    loaded = bundle.model.state_dict()
-    for name in ("visual.proj", "text_projection", "visual.conv1.weight"):
-        assert torch.equal(loaded[name].float(), state[name].float()), name
+from tests.helpers import TINY_ARCH as ARCH
+from tests.helpers import assert_weights_loaded, distinct_tiny_weights
 
 
 def test_random_init_is_identical_in_every_process_and_differs_from_saved() -> None:
     a, b = create_clip(ARCH, "none"), create_clip(ARCH, "none")
     assert a.weights_sha256 == b.weights_sha256
     assert a.model.training is False and a.dtype == torch.float32 and a.device.type == "cpu"
-    state = _distinct_weights(1)
+    state = distinct_tiny_weights(1)
     assert not torch.equal(a.model.state_dict()["visual.proj"], state["visual.proj"])
 
 
 def test_local_safetensors_file(tmp_path: Path) -> None:
-    state = _distinct_weights(2)
+    state = distinct_tiny_weights(2)
     data = save_safetensors(state)
     path = tmp_path / "model.safetensors"
     path.write_bytes(data)
     bundle = create_clip(ARCH, str(path))
-    _assert_loaded(bundle, state)
+    assert_weights_loaded(bundle, state)
     assert bundle.weights_sha256 == sha256_bytes(data)
     with pytest.raises(WeightsError, match="refusing to load"):
         create_clip(ARCH, str(path), expected_sha256="0" * 64)
@@ -55,10 +39,10 @@ def test_local_safetensors_file(tmp_path: Path) -> None:
 
 
 def test_local_torch_file_loads_with_weights_only(tmp_path: Path) -> None:
-    state = _distinct_weights(3)
+    state = distinct_tiny_weights(3)
     path = tmp_path / "model.pt"
     torch.save({"state_dict": state}, path)
-    _assert_loaded(create_clip(ARCH, str(path)), state)
+    assert_weights_loaded(create_clip(ARCH, str(path)), state)
 
 
 def test_weights_for_another_architecture_are_refused(tmp_path: Path) -> None:
@@ -68,28 +52,16 @@ def test_weights_for_another_architecture_are_refused(tmp_path: Path) -> None:
         create_clip(ARCH, str(path))
 
 
-@pytest.mark.integration
-def test_s3_uri(store: S3ObjectStore, settings) -> None:
-    state = _distinct_weights(4)
-    data = save_safetensors(state)
-    store.put(settings.bucket, "models/base/tiny.safetensors", data, "application/octet-stream")
-    uri = f"s3://{settings.bucket}/models/base/tiny.safetensors"
-    bundle = create_clip(ARCH, uri, store=store, expected_sha256=sha256_bytes(data))
-    _assert_loaded(bundle, state)
-    with pytest.raises(WeightsError, match="cannot fetch"):
-        create_clip(ARCH, f"s3://{settings.bucket}/models/base/missing.safetensors", store=store)
-
-
 def test_open_clip_pretrained_tag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The tag path is open_clip's own: register a tag whose file this test saved."""
     import open_clip.pretrained as pretrained
 
-    state = _distinct_weights(5)
+    state = distinct_tiny_weights(5)
     path = tmp_path / "tagged.safetensors"
     path.write_bytes(save_safetensors(state))
     monkeypatch.setitem(pretrained._PRETRAINED, ARCH, {"shelfsight_test": {"file": str(path)}})  # tags are keyed with "_"
     bundle = create_clip(ARCH, "shelfsight-test")
-    _assert_loaded(bundle, state)
+    assert_weights_loaded(bundle, state)
     with pytest.raises(WeightsError, match="cannot build"):
         create_clip(ARCH, "no-such-tag")
 
