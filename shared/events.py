@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 _S3_URI = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9])/(?P<key>.{1,1024})$")
 _ID = r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$"
@@ -19,6 +19,15 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     if not match:
         raise ValueError(f"not an s3://bucket/key URI: {uri[:200]!r}")
     return match["bucket"], match["key"]
+
+
+def _check_s3_uri(uri: str) -> str:
+    parse_s3_uri(uri)
+    return uri
+
+
+S3Uri = Annotated[str, AfterValidator(_check_s3_uri)]
+"""A string that is an `s3://bucket/key` URI (validated with `parse_s3_uri`)."""
 
 
 def utcnow() -> datetime:
@@ -34,14 +43,8 @@ class UploadEvent(BaseModel):
     event_id: str = Field(default_factory=lambda: uuid.uuid4().hex, pattern=_ID)
     product_id: str = Field(pattern=_ID)
     category: str = Field(min_length=1, max_length=64)
-    image: str = Field(description="s3://bucket/key of the product image")
+    image: S3Uri = Field(description="s3://bucket/key of the product image")
     submitted_at: datetime = Field(default_factory=utcnow)
-
-    @field_validator("image")
-    @classmethod
-    def _s3(cls, uri: str) -> str:
-        parse_s3_uri(uri)
-        return uri
 
 
 class AttributeResult(BaseModel):
@@ -124,15 +127,9 @@ class LabelRecord(BaseModel):
     schema_version: Literal[1] = 1
     product_id: str = Field(pattern=_ID)
     category: str = Field(min_length=1, max_length=64)
-    image: str
+    image: S3Uri
     attributes: dict[str, str] = Field(min_length=1)
     labeled_at: datetime = Field(default_factory=utcnow)
-
-    @field_validator("image")
-    @classmethod
-    def _s3(cls, uri: str) -> str:
-        parse_s3_uri(uri)
-        return uri
 
 
 def result_key(results_prefix: str, category: str, product_id: str) -> str:
