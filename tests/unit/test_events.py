@@ -1,6 +1,7 @@
 """Event, result and label schemas; key derivation; S3 notifications."""
 
 import json
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from pydantic import ValidationError
@@ -42,11 +43,10 @@ def test_parse_s3_uri() -> None:
 
 def test_result_and_dead_letter_keys_are_deterministic() -> None:
     assert result_key("results/", "tops", "sku-1") == "results/tops/sku-1.json"
-    event = UploadEvent(product_id="p", category="tops", image="s3://bucket/k")
-    assert dead_letter_key("dead-letters", event.submitted_at, "e1").endswith("/e1.json")
-    assert dead_letter_key("dead-letters", event.submitted_at, "e1") == dead_letter_key(
-        "dead-letters", event.submitted_at, "e1"
-    )
+    late = datetime(2026, 11, 27, 23, 59, 59, tzinfo=UTC)
+    assert dead_letter_key("dead-letters/", late, "e1") == "dead-letters/2026-11-27/e1.json"
+    # grouped by the day it failed: one second later is the next day's folder
+    assert dead_letter_key("dead-letters", late + timedelta(seconds=1), "e1") == "dead-letters/2026-11-28/e1.json"
 
 
 def test_example_taxonomy_has_the_two_sample_categories() -> None:
@@ -83,7 +83,14 @@ def test_s3_notification_maps_key_to_product_and_category() -> None:
     # the same notification twice gives the same event id: redelivery is idempotent
     assert events_from_s3_notification(_notification("incoming/tops/sku-42.jpg"), pattern)[0].event_id == events[0].event_id
     assert events_from_s3_notification(_notification("incoming/tops/sku-42.jpg", "ObjectRemoved:Delete"), pattern) == []
-    assert events_from_s3_notification(_notification("pans/p%2B1.jpg".replace("%2B", "-")), pattern)[0].product_id == "p-1"
+
+
+def test_s3_notification_keys_are_form_decoded() -> None:
+    """S3 sends object keys form-encoded: %2B is a literal '+', '+' is a space, %3A is ':'."""
+    pattern = Settings().s3_notification_key_pattern
+    [event] = events_from_s3_notification(_notification("drop%2Bzone/new+uploads/pans/p%3A1.jpg"), pattern)
+    assert (event.category, event.product_id) == ("pans", "p:1")
+    assert event.image == "s3://uploads/drop+zone/new uploads/pans/p:1.jpg"
 
 
 def test_s3_notification_with_unmatched_key_says_which_pattern() -> None:
