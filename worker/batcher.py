@@ -65,10 +65,6 @@ class MicroBatcher:
         """Submit and wait: the call a task thread makes."""
         return self.submit(category, payload).result(timeout=timeout)
 
-    def pending(self) -> int:
-        with self._cond:
-            return sum(len(q) for q in self._queues.values())
-
     def close(self) -> None:
         """Finish what is queued, then stop the lanes."""
         with self._cond:

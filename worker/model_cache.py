@@ -17,7 +17,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -59,7 +59,6 @@ class CategoryModel:
     preprocess: Callable[[Any], torch.Tensor]
     pointer_time: datetime | None = None
     shared_tower: bool = False  # zero-shot models share the base tower: not counted per category
-    loaded_at: float = field(default_factory=time.time)
 
     @torch.inference_mode()
     def score(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -116,8 +115,6 @@ class ModelCache:
         taxonomy: Taxonomy,
         store: ObjectStore,
         registry: ModelRegistry,
-        *,
-        on_swap: Callable[[CategoryModel, CategoryModel | None], None] | None = None,
     ) -> None:
         self.settings = settings
         self.taxonomy = taxonomy
@@ -128,7 +125,6 @@ class ModelCache:
         self._load_locks: dict[str, threading.Lock] = {}
         self._base: ClipBundle | None = None
         self._base_lock = threading.Lock()
-        self._on_swap = on_swap
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -229,8 +225,6 @@ class ModelCache:
             metrics.RESIDENT_BYTES.set(sum(m.nbytes for m in self._active.values()))
         if old is not None:
             metrics.MODEL_SWAPS.labels(category=new.category).inc()
-        if self._on_swap:
-            self._on_swap(new, old)
 
     def _evict_locked(self, keep: str) -> None:
         budget = self.settings.model_cache_bytes
