@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import click
 
-from shelfsight.shared.logs import configure_logging
+from shelfsight.shared.logs import configure_logging, secret_values
 from shelfsight.shared.settings import Settings
 
 COMMAND_GROUP = "shelfsight.commands"
@@ -41,7 +41,7 @@ class CliContext:
     def settings(self) -> Settings:
         """Built on first use (so `--help` works with a broken environment), then configured once."""
         settings = self._given or Settings()
-        configure_logging(settings.log_format, settings.log_level)
+        configure_logging(settings.log_format, settings.log_level, secrets=secret_values(settings))
         return settings
 
 

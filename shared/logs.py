@@ -1,17 +1,44 @@
-"""structlog, configured once per process at the entry point."""
+"""Logging: one pipeline for every log line of a process, configured once at the entry point.
+
+structlog events, standard-library records (boto3, Celery, Flower, tornado, PIL, …) and Python
+warnings all end in one handler whose `structlog.stdlib.ProcessorFormatter` renders them the
+same way: JSON lines in JSON mode, key-value text otherwise. Redaction is the formatter's last
+step before rendering, so it sees the finished line, formatted tracebacks included: a secret in
+an exception message is redacted like a secret in a field.
+
+Celery is told not to set up logging of its own (no second handler, no stdout redirection),
+and its per-task INFO lines ("Task … received", "… succeeded in …") are demoted to DEBUG.
+"""
 
 from __future__ import annotations
 
 import logging
 import re
 import sys
-from collections.abc import MutableMapping
+import threading
+from collections.abc import Iterable, MutableMapping
+from types import TracebackType
 from typing import Any
 
 import structlog
+from pydantic import SecretStr
 
+REDACTED = "***"
 _SECRET_IN_URL = re.compile(r"(://[^:/@\s]*:)[^@\s]+@")
-_SECRET_KEYS = {"password", "secret", "token", "authorization", "aws_secret_access_key", "basic_auth"}
+_SECRET_KEYS = ("password", "passwd", "secret", "token", "authorization", "basic_auth",
+                "signing_key", "credential", "api_key", "apikey")
+# key=value / key: value pairs in free text (exception messages, foreign log lines).
+_SECRET_PAIR = re.compile(
+    r"(?i)\b((?:[a-z0-9]+[_-])*(?:password|passwd|secret|token|api[_-]?key|signing[_-]key)"
+    r"[\"']?\s*[:=]\s*[\"']?)([^\s\"',;&)}\]]+)"
+)
+_BASIC_AUTH = re.compile(r"(?i)\b(basic\s+)[a-z0-9+/=]{8,}")
+_MIN_SECRET_LEN = 4  # shorter "secrets" would redact ordinary words
+
+# Celery's per-task chatter: one INFO line per message received and per task finished.
+_TASK_CHATTER = ("celery.app.trace", "celery.worker.strategy")
+
+_known_secrets: tuple[str, ...] = ()
 
 
 def redact_url(value: str) -> str:
@@ -19,13 +46,58 @@ def redact_url(value: str) -> str:
     return _SECRET_IN_URL.sub(r"\1***@", value)
 
 
+def redact_text(value: str) -> str:
+    """Free text with every secret this process knows, URL passwords and `password=…` pairs masked."""
+    for secret in _known_secrets:
+        if secret in value:
+            value = value.replace(secret, REDACTED)
+    value = _SECRET_IN_URL.sub(r"\1***@", value)
+    value = _SECRET_PAIR.sub(rf"\1{REDACTED}", value)
+    return _BASIC_AUTH.sub(rf"\1{REDACTED}", value)
+
+
+def _redact_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, SecretStr):
+        return REDACTED
+    if isinstance(value, dict):
+        return {k: REDACTED if _secret_key(k) else _redact_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redact_value(v) for v in value]
+    return value
+
+
+def _secret_key(key: object) -> bool:
+    return isinstance(key, str) and any(s in key.lower() for s in _SECRET_KEYS)
+
+
 def _redact(_logger: Any, _name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Last processor before rendering: runs on formatted exceptions too."""
     for key, value in list(event_dict.items()):
-        if any(s in key.lower() for s in _SECRET_KEYS):
-            event_dict[key] = "***"
-        elif isinstance(value, str) and "://" in value:
-            event_dict[key] = redact_url(value)
+        event_dict[key] = REDACTED if _secret_key(key) and key != "event" else _redact_value(value)
     return event_dict
+
+
+def secret_values(settings: Any) -> list[str]:
+    """Every secret a Settings object holds: SecretStr values, their `user:password` halves, URL passwords.
+
+    Registered with `configure_logging(secrets=...)`, each is masked wherever it appears in a
+    log line, even inside a message or a traceback that no pattern would recognise.
+    """
+    found: list[str] = []
+    for name in type(settings).model_fields:
+        value = getattr(settings, name, None)
+        if isinstance(value, SecretStr):
+            text = value.get_secret_value()
+            found.append(text)
+            for part in text.split(","):
+                found.append(part.partition(":")[2])  # user:password (Flower basic auth)
+        elif isinstance(value, str) and "://" in value:
+            match = re.search(r"://[^:/@\s]*:([^@\s]+)@", value)
+            if match:
+                found.append(match.group(1))
+    return sorted({s for s in found if len(s) >= _MIN_SECRET_LEN}, key=len, reverse=True)
 
 
 class _CurrentStderr:
@@ -38,26 +110,108 @@ class _CurrentStderr:
         sys.stderr.flush()
 
 
-def configure_logging(log_format: str = "console", level: str = "INFO") -> None:
-    """Key-value logs with contextvars (event_id, product_id) merged first; secrets redacted."""
-    logging.basicConfig(format="%(message)s", stream=sys.stderr, level=level.upper(), force=True)
-    for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "PIL", "timm", "matplotlib"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    renderer = (
-        structlog.processors.JSONRenderer()
-        if log_format == "json"
-        else structlog.dev.ConsoleRenderer(colors=False)
+class _DemoteTaskChatter(logging.Filter):
+    """Celery's per-task INFO lines become DEBUG (and are dropped unless DEBUG is on)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.INFO and record.name.startswith(_TASK_CHATTER):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger().isEnabledFor(logging.DEBUG)
+        return True
+
+
+def _renderer(log_format: str) -> Any:
+    if log_format == "json":
+        return structlog.processors.JSONRenderer()
+    return structlog.dev.ConsoleRenderer(colors=False, exception_formatter=structlog.dev.plain_traceback)
+
+
+def build_handler(log_format: str = "console") -> logging.Handler:
+    """The one handler: every record, structlog's or not, rendered by ProcessorFormatter."""
+    timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            structlog.contextvars.merge_contextvars,
+            structlog.stdlib.add_log_level,
+            structlog.stdlib.add_logger_name,
+            timestamper,
+        ],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info,  # tracebacks become text first ...
+            _redact,                               # ... so redaction covers them
+            _renderer(log_format),
+        ],
     )
+    handler = logging.StreamHandler(_CurrentStderr())
+    handler.setFormatter(formatter)
+    handler.addFilter(_DemoteTaskChatter())
+    handler.set_name("shelfsight")
+    return handler
+
+
+def configure_logging(log_format: str = "console", level: str = "INFO", secrets: Iterable[str] = ()) -> None:
+    """Route structlog, standard-library, Celery and warnings logs through one redacting handler.
+
+    Args:
+        log_format: "json" (one JSON object per line) or "console" (key-value text).
+        level: the root level; Celery's per-task INFO lines only show at DEBUG.
+        secrets: values to mask wherever they appear (see `secret_values(settings)`).
+    """
+    global _known_secrets
+    _known_secrets = tuple(sorted({s for s in secrets if s and len(s) >= _MIN_SECRET_LEN}, key=len, reverse=True))
+    numeric = logging.getLevelName(level.upper())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        if not type(old).__module__.startswith("_pytest"):  # keep pytest's capture handlers
+            root.removeHandler(old)
+    root.addHandler(build_handler(log_format))
+    root.setLevel(numeric)
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "PIL", "timm", "matplotlib", "werkzeug"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.captureWarnings(True)  # warnings.warn(...) output becomes a log line too
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            _redact,
-            structlog.processors.format_exc_info,
-            renderer,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),  # type: ignore[arg-type]
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.stdlib.LoggerFactory(),
         cache_logger_on_first_use=True,
     )
+    _keep_celery_off_logging()
+    _log_uncaught_exceptions()
+
+
+def _celery_setup_logging(**_: Any) -> None:
+    """Receiver of Celery's setup_logging signal: its presence tells Celery to leave logging alone."""
+
+
+def _keep_celery_off_logging() -> None:
+    # With a receiver connected, Celery adds no handler of its own (not even to its task logger)
+    # and does not redirect stdout/stderr into a logger.
+    from celery.signals import setup_logging
+
+    setup_logging.connect(_celery_setup_logging, weak=False, dispatch_uid="shelfsight.logs")
+
+
+def _log_uncaught_exceptions() -> None:
+    """Uncaught exceptions (main thread and others) become log lines, redacted, not raw tracebacks."""
+    log = structlog.get_logger("shelfsight.uncaught")
+
+    def main_hook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+        if issubclass(exc_type, KeyboardInterrupt):
+            sys.__excepthook__(exc_type, exc, tb)
+            return
+        log.critical("uncaught_exception", exc_info=(exc_type, exc, tb))
+
+    def thread_hook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is SystemExit:
+            return
+        exc_info = (args.exc_type, args.exc_value or args.exc_type(), args.exc_traceback)
+        log.critical("uncaught_exception", thread=getattr(args.thread, "name", None), exc_info=exc_info)
+
+    sys.excepthook = main_hook
+    threading.excepthook = thread_hook

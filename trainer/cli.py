@@ -37,7 +37,8 @@ def trainer(settings: Settings, hostname: str) -> int:
     """
     from shelfsight.trainer.app import create_trainer_app
 
-    argv = ["worker", "--pool", "solo", "--queues", settings.training_queue, "--hostname", hostname,
+    quiet = ["--quiet"] if settings.log_format == "json" else []  # no banner: every line is JSON
+    argv = [*quiet, "worker", "--pool", "solo", "--queues", settings.training_queue, "--hostname", hostname,
             "--without-mingle", "--without-gossip", "--loglevel", settings.log_level]
     if settings.retrain_schedule_s > 0:
         argv.append("--beat")

@@ -19,8 +19,9 @@ def worker(settings: Settings, concurrency: int, hostname: str) -> int:
     """Run an extraction worker: threads pool (CUDA-safe), one micro-batcher per process."""
     from shelfsight.worker.app import create_worker_app
 
+    quiet = ["--quiet"] if settings.log_format == "json" else []  # no banner: every line is JSON
     create_worker_app(settings).start([
-        "worker", "--pool", "threads", "--concurrency", str(concurrency or settings.effective_concurrency()),
+        *quiet, "worker", "--pool", "threads", "--concurrency", str(concurrency or settings.effective_concurrency()),
         "--queues", settings.extract_queue, "--hostname", hostname,
         "--without-mingle", "--without-gossip", "--loglevel", settings.log_level,
     ])
