@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import pickle
 from pathlib import Path
 
 import matplotlib
@@ -38,11 +40,30 @@ def test_local_safetensors_file(tmp_path: Path) -> None:
         create_clip(ARCH, str(tmp_path / "missing.safetensors"))
 
 
+class _RunsCodeWhenUnpickled:
+    """A pickled object that calls os.mkdir(marker) when loaded without weights_only."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return os.mkdir, (str(self.marker),)
+
+
 def test_local_torch_file_loads_with_weights_only(tmp_path: Path) -> None:
     state = distinct_tiny_weights(3)
     path = tmp_path / "model.pt"
     torch.save({"state_dict": state}, path)
     assert_weights_loaded(create_clip(ARCH, str(path)), state)
+
+    # a checkpoint that smuggles a pickled call next to its tensors is refused before the call runs
+    marker = tmp_path / "code-ran"
+    torch.save({"state_dict": {**state, "extra": _RunsCodeWhenUnpickled(marker)}}, path)
+    with pytest.raises((pickle.UnpicklingError, WeightsError)) as refused:
+        create_clip(ARCH, str(path))
+    assert not marker.exists()
+    messages = [str(e) for e in (refused.value, refused.value.__cause__) if e is not None]
+    assert any("Weights only load failed" in m for m in messages), messages
 
 
 def test_weights_for_another_architecture_are_refused(tmp_path: Path) -> None:
