@@ -1,11 +1,11 @@
 """The embedded dev stack: Redis, an S3 server (moto), the workers and Flower on loopback.
 
-Every process runs in its own process group (session) and logs to
+Every process runs in its own process group (session, see processes.py) and logs to
 `<state-dir>/logs/<name>.log`. `<state-dir>/state.json` records pids, ports and the
 environment a shell needs, so that `shelfsight dev down` (another process) can stop the
 stack, process groups included, and `shelfsight dev env` can print the exports again.
 
-    with start_stack(Path(".shelfsight/dev"), worker=False) as stack:
+    with start_stack(Path(".shelfsight/dev"), settings, worker=False) as stack:
         os.environ.update(stack.env)
 """
 
@@ -16,8 +16,6 @@ import fcntl
 import json
 import os
 import shlex
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +29,17 @@ from types import TracebackType
 import structlog
 from pydantic import SecretStr
 
+from shelfsight.shared.dev.processes import (
+    ProcessInfo,
+    group_members,
+    pid_alive,
+    port_open,
+    spawn,
+    starttime,
+    still_open_after,
+    stop_processes,
+    tail,
+)
 from shelfsight.shared.dev.services import free_port, redis_server_binary
 from shelfsight.shared.settings import Settings
 from shelfsight.shared.storage import S3ObjectStore
@@ -46,21 +55,6 @@ STOP_TIMEOUT_S = 15.0
 
 class DevStackError(RuntimeError):
     """The stack could not be started or stopped; the message says what to look at."""
-
-
-@dataclass
-class ProcessInfo:
-    """One managed process: its group is what gets signalled."""
-
-    name: str
-    pid: int
-    pgid: int
-    starttime: int | None
-    log: str
-    argv: list[str]
-
-    def to_json(self) -> dict[str, object]:
-        return dict(self.__dict__)
 
 
 @dataclass
@@ -98,7 +92,7 @@ class DevStack:
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
         """Stop every process group of this stack and remove state.json (idempotent)."""
         try:
-            survivors = _stop_processes(list(self.processes.values()), timeout_s, self._popens)
+            survivors = stop_processes(list(self.processes.values()), timeout_s, self._popens)
         finally:
             self._reap()
         if survivors:
@@ -133,129 +127,15 @@ class DevStack:
         os.replace(tmp, self.state_path)
 
 
-# --- process helpers -----------------------------------------------------------------------------
-
-
-def _proc_stat(pid: int) -> list[str] | None:
-    """Fields of /proc/<pid>/stat after the command name, or None if there is no such process."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    return raw.rsplit(")", 1)[1].split()  # [state, ppid, pgrp, ...]
-
-
-def _starttime(pid: int) -> int | None:
-    stat = _proc_stat(pid)
-    return int(stat[19]) if stat and len(stat) > 19 else None
-
-
-def pid_alive(pid: int, starttime: int | None = None) -> bool:
-    """True if `pid` runs and is not a zombie (and, if given, started at `starttime`)."""
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)  # reap it if it is our own dead child
-    stat = _proc_stat(pid)
-    if stat is None:
-        if Path("/proc/self/stat").exists():
-            return False
-        try:  # no procfs: fall back to signal 0
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-    if stat[0] in ("Z", "X"):
-        return False
-    return starttime is None or _starttime(pid) == starttime
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) pids in process group `pgid`."""
-    proc = Path("/proc")
-    if not proc.exists():
-        try:
-            os.killpg(pgid, 0)
-        except (ProcessLookupError, PermissionError):
-            return []
-        return [pgid]
-    members = []
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        stat = _proc_stat(int(entry.name))
-        if stat and stat[0] not in ("Z", "X") and int(stat[2]) == pgid:
-            members.append(int(entry.name))
-    return members
-
-
-def _leader_reused(info: ProcessInfo) -> bool:
-    """True if the recorded pid now belongs to a different, live process."""
-    stat = _proc_stat(info.pid)
-    if stat is None or stat[0] in ("Z", "X") or info.starttime is None:
-        return False
-    return _starttime(info.pid) != info.starttime
-
-
-def _signal_group(info: ProcessInfo, sig: signal.Signals) -> None:
-    """Signal the whole group, unless its leader pid now belongs to an unrelated process."""
-    if _leader_reused(info):
-        log.warning("devstack.pid_reused", name=info.name, pid=info.pid)
-        return
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(info.pgid, sig)
-
-
-def _stop_processes(infos: list[ProcessInfo], timeout_s: float,
-                    popens: list[subprocess.Popen[bytes]] | None = None) -> list[str]:
-    """SIGTERM every group (in reverse start order), wait, SIGKILL survivors. Returns survivors."""
-    for info in reversed(infos):
-        _signal_group(info, signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for popen in popens or []:
-            with contextlib.suppress(Exception):
-                popen.poll()
-        if not any(group_members(info.pgid) for info in infos):
-            break
-        time.sleep(0.1)
-    for info in infos:
-        if group_members(info.pgid):
-            log.warning("devstack.kill", name=info.name, pgid=info.pgid)
-            _signal_group(info, signal.SIGKILL)
-    time.sleep(0.1)
-    for popen in popens or []:
-        with contextlib.suppress(Exception):
-            popen.wait(timeout=2)
-    return [info.name for info in infos if group_members(info.pgid)]
-
-
-def port_open(port: int) -> bool:
-    """True if something accepts connections on 127.0.0.1:port."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.3):
-            return True
-    except OSError:
-        return False
-
-
-def _child_env(overrides: dict[str, str]) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(overrides)
-    return env
+# --- starting one process of the stack -----------------------------------------------------------
 
 
 def _launch(stack: DevStack, name: str, argv: list[str], env: dict[str, str]) -> ProcessInfo:
     """Start one process in a new session, logging to <state-dir>/logs/<name>.log."""
     log_path = stack.state_dir / "logs" / f"{name}.log"
-    with log_path.open("ab") as out:
-        popen = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            env=_child_env(env), start_new_session=True,
-        )
+    popen = spawn(argv, env, log_path)
     stack._popens.append(popen)
-    info = ProcessInfo(name=name, pid=popen.pid, pgid=popen.pid, starttime=_starttime(popen.pid),
+    info = ProcessInfo(name=name, pid=popen.pid, pgid=popen.pid, starttime=starttime(popen.pid),
                        log=str(log_path), argv=argv)
     stack.processes[name] = info
     stack.write_state("starting")  # so `dev down` can clean up even if `up` is killed now
@@ -269,21 +149,13 @@ def _wait(info: ProcessInfo, what: str, check: Callable[[], bool], timeout_s: fl
     while time.monotonic() < deadline:
         if not pid_alive(info.pid):
             raise DevStackError(f"{info.name} exited while starting; see its log: {info.log}\n"
-                                f"{_tail(info.log)}")
+                                f"{tail(info.log)}")
         with contextlib.suppress(Exception):
             if check():
                 return
         time.sleep(0.2)
     raise DevStackError(f"{info.name} not {what} after {timeout_s:.0f}s; see its log: {info.log}\n"
-                        f"{_tail(info.log)}")
-
-
-def _tail(path: str, lines: int = 15) -> str:
-    try:
-        text = Path(path).read_text(errors="replace").splitlines()[-lines:]
-    except OSError:
-        return ""
-    return "\n".join(f"    | {line}" for line in text)
+                        f"{tail(info.log)}")
 
 
 # --- readiness checks ----------------------------------------------------------------------------
@@ -493,9 +365,9 @@ def stop_stack(state_dir: Path, timeout_s: float = STOP_TIMEOUT_S) -> bool:
         if state is None:
             return False
         infos = _infos(state)
-        survivors = _stop_processes(infos, timeout_s)
+        survivors = stop_processes(infos, timeout_s)
         open_ports = [f"{name}:{port}" for name, port in state.get("ports", {}).items()
-                      if _wait_port_closed(int(port))]
+                      if still_open_after(int(port))]
         if survivors or open_ports:
             raise DevStackError(f"dev stack in {state_dir} did not stop cleanly: processes "
                                 f"{survivors or 'none'} still running, ports {open_ports or 'none'} "
@@ -503,13 +375,3 @@ def stop_stack(state_dir: Path, timeout_s: float = STOP_TIMEOUT_S) -> bool:
         (state_dir / STATE_FILE).unlink(missing_ok=True)
     log.info("devstack.down", state_dir=str(state_dir))
     return True
-
-
-def _wait_port_closed(port: int, timeout_s: float = 3.0) -> bool:
-    """True if the port is STILL open after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while port_open(port):
-        if time.monotonic() > deadline:
-            return True
-        time.sleep(0.1)
-    return False
