@@ -110,7 +110,7 @@ class Relay:
         for event in events:
             try:
                 handled.event_ids.append(self.enqueue(event))
-            except Exception as exc:  # noqa: BLE001 - any broker failure: keep the notification
+            except Exception as exc:  # any broker failure: keep the notification
                 raise RelayUnavailable(f"enqueue failed: {type(exc).__name__}: {exc}") from exc
             metrics.RECORDS.labels(source=source, outcome="enqueued").inc()
             log.debug("relay.enqueued", event_id=event.event_id, image=event.image)
@@ -118,7 +118,7 @@ class Relay:
     def _dead_letter(self, raw: Any, code: ErrorCode, message: str) -> str:
         try:
             return self.dead_letters.record(raw, code, message)
-        except Exception as exc:  # noqa: BLE001 - storage or Redis down: keep the notification
+        except Exception as exc:  # storage or Redis down: keep the notification
             raise RelayUnavailable(f"dead letter not written: {type(exc).__name__}: {exc}") from exc
 
 

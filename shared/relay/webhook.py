@@ -29,22 +29,22 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "shelfsight-relay"
     sys_version = ""
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:  # http.server's naming
         if self.path.rstrip("/") == "/healthz":
             self._reply(200, {"status": "ok"})
         else:
             self._reply(404, {"error": "not found"})
 
-    def do_HEAD(self) -> None:  # noqa: N802 - MinIO probes the endpoint before it sends events
+    def do_HEAD(self) -> None:  # MinIO probes the endpoint before it sends events
         self.send_response(200)
         self.send_header("Content-Length", "0")
         self.end_headers()
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         if not self._authorized():
             metrics.WEBHOOK_REJECTED.labels(reason="unauthorized").inc()
             self._reply(401, {"error": "missing or wrong bearer token"},
-                        {"WWW-Authenticate": 'Bearer realm="shelfsight-relay"'})
+                        {"WWW-Authenticate": 'Bearer realm="shelfsight-relay"'}, close=True)
             return
         length = self._content_length()
         if length is None:
@@ -93,7 +93,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:  # stdlib signature
         log.debug("relay.webhook.request", client=self.client_address[0], line=format % args)
 
 
