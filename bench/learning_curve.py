@@ -10,8 +10,9 @@ Reproduces the client's reference figure with the trainer's own `fit` on three t
 For each labeled budget n, the n labeled images are split train/val with the trainer's own
 `assign_splits` (val keeps the lowest-val-loss checkpoint), a fresh model is built with
 `create_clip` (offline default: EfficientNet-Lite0 ImageNet image tower, random text tower),
-fine-tuned with `trainer.train.fit`, and scored with `trainer.train.evaluate` on a separate
-held-out test set.
+fine-tuned with `trainer.train.fit`, and scored with `trainer.evaluate.evaluate` on a separate
+held-out test set. Hyper-parameters take the production path: the flags become a Settings,
+and TrainConfig.from_settings builds the run's config from it (as the trainer service does).
 
     .venv/bin/python bench/learning_curve.py --quick      # < 15 min on a 2-core CPU
 
@@ -37,25 +38,27 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from open_clip import image_transform  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import torch
+from open_clip import image_transform
+from PIL import Image
 
-from shelfsight.shared.events import LabelRecord  # noqa: E402
-from shelfsight.shared.imaging import decode_image  # noqa: E402
-from shelfsight.shared.logs import configure_logging  # noqa: E402
-from shelfsight.shared.model_factory import ClipBundle, create_clip  # noqa: E402
-from shelfsight.shared.dev.samples import generate_products  # noqa: E402
-from shelfsight.shared.settings import DEFAULT_TAXONOMY  # noqa: E402
-from shelfsight.shared.taxonomy import load_taxonomy  # noqa: E402
-from shelfsight.trainer.dataset import LabeledImages, assign_splits, target_indices  # noqa: E402
-from shelfsight.trainer.train import HeadSpec, TrainConfig, evaluate, fit  # noqa: E402
+from shelfsight.shared.dev.samples import generate_products
+from shelfsight.shared.events import LabelRecord
+from shelfsight.shared.imaging import decode_image
+from shelfsight.shared.logs import configure_logging
+from shelfsight.shared.model_factory import ClipBundle, create_clip
+from shelfsight.shared.settings import DEFAULT_TAXONOMY, Settings
+from shelfsight.shared.taxonomy import load_taxonomy
+from shelfsight.trainer.dataset import LabeledImages, assign_splits, target_indices
+from shelfsight.trainer.evaluate import HeadSpec, evaluate
+from shelfsight.trainer.train import TrainConfig, fit
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot"]
 MAX_IMAGE_BYTES, MAX_PIXELS = 20 << 20, 40_000_000
+Item = tuple[str, Image.Image, dict[str, str]]  # (product id, image, attributes)
 
 
 @dataclasses.dataclass
@@ -64,8 +67,8 @@ class Task:
 
     name: str
     spec: HeadSpec
-    pool: list[tuple[str, Image.Image, dict[str, str]]]  # (id, image, attributes), budget order
-    test: list[tuple[str, Image.Image, dict[str, str]]]
+    pool: list[Item]  # budget order
+    test: list[Item]
     budgets: list[int]
     unit: str  # "labels" or "labels per class"
     per_class: int = 1  # pool entries per budget unit
@@ -77,7 +80,9 @@ def _taxonomy_spec(category: str, attributes: Sequence[str]) -> HeadSpec:
                     {a: cat.attributes[a].captions() for a in attributes})
 
 
-def _samples(category: str, count: int, seed: int, size: int, multicolour: bool, attributes: Sequence[str]):
+def _samples(
+    category: str, count: int, seed: int, size: int, multicolour: bool, attributes: Sequence[str]
+) -> list[Item]:
     products = generate_products(category, count, seed, size=size, multicolour=multicolour)
     return [(p.product_id, decode_image(p.image, max_bytes=MAX_IMAGE_BYTES, max_pixels=MAX_PIXELS),
              {a: p.attributes[a] for a in attributes}) for p in products]
@@ -87,13 +92,17 @@ def _idx(path: Path) -> np.ndarray:
     """Read an IDX file (gzipped or not)."""
     if not path.exists() and path.with_suffix(path.suffix + ".gz").exists():
         path = path.with_suffix(path.suffix + ".gz")
-    raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+    if path.suffix == ".gz":
+        with gzip.open(path) as compressed:
+            raw = compressed.read()
+    else:
+        raw = path.read_bytes()
     ndim = raw[3]
     shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def _fashion(split: str, per_class: int, seed: int, invert: bool = False) -> list[tuple[str, Image.Image, dict[str, str]]]:
+def _fashion(split: str, per_class: int, seed: int, invert: bool = False) -> list[Item]:
     """`per_class` images of each class, interleaved by class so any prefix of k*10 is balanced."""
     prefix = "train" if split == "train" else "t10k"
     images = _idx(FASHION_DIR / f"{prefix}-images-idx3-ubyte")
@@ -131,12 +140,12 @@ def build_tasks(quick: bool, size: int, only: Sequence[str], invert_fashion: boo
     return tasks
 
 
-def _labeled(items: Sequence[tuple[str, Image.Image, dict[str, str]]], spec: HeadSpec) -> LabeledImages:
+def _labeled(items: Sequence[Item], spec: HeadSpec) -> LabeledImages:
     records = [LabelRecord(product_id=i, category="bench", image="s3://bench/x", attributes=a) for i, _, a in items]
     return LabeledImages([im for _, im, _ in items], target_indices(records, spec.values), [i for i, _, _ in items])
 
 
-def _split(items: Sequence[tuple[str, Image.Image, dict[str, str]]], val_fraction: float, seed: int):
+def _split(items: Sequence[Item], val_fraction: float, seed: int) -> tuple[list[Item], list[Item]]:
     records = [LabelRecord(product_id=i, category="bench", image="s3://bench/x", attributes=a) for i, _, a in items]
     assignment = assign_splits(records, {}, val_fraction=val_fraction, test_fraction=0.0, seed=seed)
     return ([it for it in items if assignment[it[0]] == "train"], [it for it in items if assignment[it[0]] == "val"])
@@ -165,15 +174,23 @@ def bundle_at(size: int, arch: str, weights: str, hflip: bool = False, crop_scal
     return bundle
 
 
-def run_point(task: Task, n: int, args: argparse.Namespace) -> dict[str, Any]:
+def bench_settings(args: argparse.Namespace) -> Settings:
+    """The trainer's Settings with the benchmark's training flags in place of the train_* defaults."""
+    return Settings(
+        train_epochs=args.epochs, train_batch_size=args.batch_size, train_lr=args.lr,
+        train_weight_decay=args.weight_decay, train_warmup_steps=args.warmup_steps, train_patience=args.patience,
+        train_mode=args.mode, train_last_n_blocks=args.last_n_blocks, train_seed=args.seed,
+    )
+
+
+def run_point(task: Task, n: int, settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
     labeled = task.pool[: n * task.per_class]
-    train, val = _split(labeled, args.val_fraction, args.seed)
+    train, val = _split(labeled, args.val_fraction, settings.train_seed)
     bundle = bundle_at(args.image_size, args.arch, args.weights, hflip=args.augment, crop_scale=args.crop_scale)
-    config = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        warmup_steps=args.warmup_steps, patience=args.patience, mode=args.mode, last_n_blocks=args.last_n_blocks,
-        seed=args.seed, head_lr_scale=args.head_lr_scale, augment=args.augment,
-        steps_per_epoch=max(args.min_steps_per_epoch, math.ceil(len(train) / args.batch_size)),
+    # what Settings does not carry (see trainer.train's constants) is overridden here
+    config = TrainConfig.from_settings(
+        settings, head_lr_scale=args.head_lr_scale, augment=args.augment,
+        steps_per_epoch=max(args.min_steps_per_epoch, math.ceil(len(train) / settings.train_batch_size)),
     )
     started = time.monotonic()
     result = fit(bundle, task.spec, _labeled(train, task.spec), _labeled(val, task.spec), config)
@@ -244,6 +261,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run every task at every budget; write JSON and PNG; print the summary JSON last."""
     args = parse_args(argv)
+    settings = bench_settings(args)
     configure_logging("console", "WARNING")  # logs on stderr: stdout's last line is the summary
     torch.manual_seed(args.seed)
     started = time.monotonic()
@@ -251,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"data ready in {time.monotonic() - started:.0f}s", file=sys.stderr, flush=True)
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for task in tasks:
-        results[task.name] = {str(n): run_point(task, n, args) for n in task.budgets}
+        results[task.name] = {str(n): run_point(task, n, settings, args) for n in task.budgets}
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = "quick" if args.quick else "full"
     meta = {"date": str(date.today()), "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}, "

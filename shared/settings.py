@@ -60,10 +60,17 @@ class Settings(BaseSettings):
     dead_letter_prefix: str = Field("dead-letters", description="Key prefix of dead-letter records.")
     labels_prefix: str = Field("labels", description="Key prefix of the append-only label log.")
     models_prefix: str = Field("models", description="Key prefix of the model registry.")
+    allowed_image_sources: list[str] = Field(
+        default_factory=list,
+        description="Where images may be read from: s3://bucket/ or s3://bucket/prefix/ entries, "
+        'a JSON list in the environment, e.g. \'["s3://uploads/","s3://shelfsight/uploads/"]\'. '
+        "Empty: the deprecated allowed_image_buckets if set, else s3://<bucket>/uploads/. The "
+        "service's own models/results/dead-letters/labels prefixes are never read as images.",
+    )
     allowed_image_buckets: list[str] = Field(
         default_factory=lambda: ["shelfsight"],
-        description="Buckets images may be read from; any other bucket is dead-lettered. "
-        'JSON list in the environment, e.g. \'["uploads","shelfsight"]\'.',
+        description="Deprecated: whole buckets images may be read from, each taken as s3://<bucket>/; "
+        "used only when allowed_image_sources is empty. Prefer allowed_image_sources.",
     )
     s3_max_pool_connections: int = Field(
         64, description="boto3 connection pool size, shared by all fetching and writing threads."
@@ -84,6 +91,10 @@ class Settings(BaseSettings):
         40_000_000, description="Images with more pixels than this (decompression bombs) are dead-lettered."
     )
     max_event_bytes: int = Field(16_384, description="Events larger than this are dead-lettered.")
+    max_image_frames: int = Field(
+        100, description="Animated images with more frames than this are dead-lettered; so are those "
+        "whose frames × width × height exceeds max_image_pixels."
+    )
     max_label_file_bytes: int = Field(
         256 * 1024 * 1024, description="Largest label JSONL file `labels import` accepts."
     )
@@ -111,6 +122,17 @@ class Settings(BaseSettings):
     )
     model_poll_interval_s: float = Field(
         30.0, description="Fallback poll of models/<category>/CURRENT, in case a pub/sub message is lost."
+    )
+    model_signing_key: SecretStr | None = Field(
+        None,
+        description="HMAC-SHA256 key. When set, the trainer signs every model manifest and workers "
+        "refuse manifests that are unsigned or signed with another key (and keep serving the last "
+        "good version). Set the same value on trainers and workers.",
+    )
+    allowed_model_architectures: list[str] = Field(
+        default_factory=list,
+        description="open_clip architecture names a model manifest may name, besides model_arch. "
+        "Hub (hf-hub:), directory (local-dir:) and path names are never accepted from a manifest.",
     )
 
     # --- batching -----------------------------------------------------------------------------

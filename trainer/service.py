@@ -40,7 +40,8 @@ from shelfsight.trainer.labels import (
     load_category_labels,
 )
 from shelfsight.trainer.report import REPORT_NAME, render_report
-from shelfsight.trainer.train import EvalResult, HeadSpec, TrainConfig, evaluate, fit
+from shelfsight.trainer.evaluate import EvalResult, HeadSpec, evaluate
+from shelfsight.trainer.train import TrainConfig, fit
 
 log = structlog.get_logger()
 

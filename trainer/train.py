@@ -2,94 +2,98 @@
 
 `fit` fine-tunes a CLIP model so that each image's features score highest against the
 caption of its labeled value, per attribute (clip_math.multi_attribute_loss), and returns
-the weights of the epoch with the lowest validation loss. `evaluate` scores a model on a
-labeled set: loss, accuracy, macro-F1 and a confusion matrix per attribute.
+the weights of the epoch with the lowest validation loss. Scoring a model (the validation
+loss here, test metrics for the gate) lives in trainer.evaluate; which weights train and the
+LR schedule in trainer.optim.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import structlog
 import torch
 from torch import nn
 
-from shelfsight.shared.clip_math import (
-    IGNORE,
-    accuracy_and_macro_f1,
-    confusion_matrix,
-    multi_attribute_loss,
-    normalize,
-)
+from shelfsight.shared.clip_math import multi_attribute_loss
 from shelfsight.shared.model_factory import ClipBundle
 from shelfsight.shared.settings import Settings
 from shelfsight.trainer.dataset import BalancedBatchSampler, LabeledImages
+from shelfsight.trainer.evaluate import (
+    EVAL_BATCH_SIZE,
+    HeadSpec,
+    PreprocessedImages,
+    autocast_for,
+    score_images,
+    targets_tensor,
+    text_features,
+)
+from shelfsight.trainer.optim import TrainMode, param_groups, set_trainable, warmup_cosine
 
 log = structlog.get_logger()
 
-TrainMode = Literal["full", "last_n", "frozen_text"]
 Progress = Callable[[dict[str, Any]], None]
-_CACHE_LIMIT_BYTES = 1 << 30  # preprocessed eval tensors kept in memory up to this size
+
+# Knobs that Settings does not carry: production always trains with these values; the
+# learning-curve benchmark and tests override them through TrainConfig.from_settings.
+HEAD_LR_SCALE = 1.0
+AUGMENT = True
+FREEZE_BATCHNORM = True
 
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of one fine-tuning run (defaults from Settings via `from_settings`)."""
+    """Hyper-parameters of one fine-tuning run. Build it with `from_settings`: Settings hold the defaults."""
 
-    epochs: int = 15
-    batch_size: int = 32
-    lr: float = 1e-4
-    weight_decay: float = 0.05
-    warmup_steps: int = 20
-    patience: int = 4
-    mode: TrainMode = "full"
-    last_n_blocks: int = 2
-    seed: int = 0
-    head_lr_scale: float = 1.0
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    patience: int
+    mode: TrainMode
+    last_n_blocks: int
+    seed: int
+    head_lr_scale: float
     """LR multiplier for the text tower, both projections and the logit scale. A value > 1
     helps when the text tower starts from random init (the offline default model)."""
-    augment: bool = True
+    augment: bool
     """Apply the bundle's preprocess_train (random resized crop) to training images; False
     preprocesses each training image once with the eval transform (faster on CPU)."""
-    freeze_batchnorm: bool = True
+    freeze_batchnorm: bool
     """Keep BatchNorm running statistics frozen (pretrained ones); small batches make them noisy."""
-    steps_per_epoch: int | None = None
-    """Default: ceil(len(train) / batch_size)."""
-    eval_batch_size: int = 64
+    steps_per_epoch: int | None
+    """None: ceil(len(train) / batch_size)."""
+    eval_batch_size: int
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> TrainConfig:
-        base = cls(
-            epochs=settings.train_epochs,
-            batch_size=settings.train_batch_size,
-            lr=settings.train_lr,
-            weight_decay=settings.train_weight_decay,
-            warmup_steps=settings.train_warmup_steps,
-            patience=settings.train_patience,
-            mode=settings.train_mode,
-            last_n_blocks=settings.train_last_n_blocks,
-            seed=settings.train_seed,
-        )
-        for key, value in overrides.items():
-            if value is not None:
-                setattr(base, key, value)
-        return base
+        """Settings' train_* fields and the trainer's constants above, then `overrides` by field name.
 
-
-@dataclass(frozen=True)
-class HeadSpec:
-    """The classifier a model is trained for: per attribute, value names and caption texts."""
-
-    values: dict[str, list[str]]
-    captions: dict[str, list[str]]
-
-    def all_captions(self) -> list[str]:
-        return [c for attr in self.values for c in self.captions[attr]]
+        An override of None keeps the default, so optional flags can be passed straight through.
+        """
+        values: dict[str, Any] = {
+            "epochs": settings.train_epochs,
+            "batch_size": settings.train_batch_size,
+            "lr": settings.train_lr,
+            "weight_decay": settings.train_weight_decay,
+            "warmup_steps": settings.train_warmup_steps,
+            "patience": settings.train_patience,
+            "mode": settings.train_mode,
+            "last_n_blocks": settings.train_last_n_blocks,
+            "seed": settings.train_seed,
+            "head_lr_scale": HEAD_LR_SCALE,
+            "augment": AUGMENT,
+            "freeze_batchnorm": FREEZE_BATCHNORM,
+            "steps_per_epoch": None,
+            "eval_batch_size": EVAL_BATCH_SIZE,
+        }
+        values.update({key: value for key, value in overrides.items() if value is not None})
+        return cls(**values)
 
 
 @dataclass
@@ -127,160 +131,6 @@ class FitResult:
         }
 
 
-# --- which weights train --------------------------------------------------------------------------
-
-
-def _text_module(model: Any) -> Any:
-    """The text tower's owner: open_clip.CLIP keeps it on the model, CustomTextCLIP in `.text`."""
-    return getattr(model, "text", model)
-
-
-def _visual_blocks_and_head(visual: Any) -> tuple[Sequence[nn.Module], list[nn.Module], list[nn.Parameter]]:
-    """(blocks, modules after the blocks, loose parameters after the blocks) of the image tower."""
-    if hasattr(visual, "transformer"):  # open_clip VisionTransformer
-        modules = [m for m in (getattr(visual, "ln_post", None), getattr(visual, "attn_pool", None)) if m is not None]
-        params = [p for p in (getattr(visual, "proj", None),) if isinstance(p, nn.Parameter)]
-        return list(visual.transformer.resblocks), modules, params
-    if hasattr(visual, "trunk"):  # open_clip TimmModel: trunk stages, then trunk head, then projection
-        trunk = visual.trunk
-        name = "blocks" if hasattr(trunk, "blocks") else "stages"
-        children = list(trunk.named_children())
-        after = [m for n, m in children[[n for n, _ in children].index(name) + 1:]]
-        return list(getattr(trunk, name)), [*after, visual.head], []
-    raise ValueError(f"train_mode=last_n does not know the blocks of {type(visual).__name__}; use full or frozen_text")
-
-
-def _text_blocks_and_head(model: Any) -> tuple[Sequence[nn.Module], list[nn.Module], list[nn.Parameter]]:
-    text = _text_module(model)
-    if not hasattr(text, "transformer"):
-        raise ValueError(f"train_mode=last_n does not know the text blocks of {type(text).__name__}")
-    projection = getattr(text, "text_projection", None)
-    modules = [text.ln_final] + ([projection] if isinstance(projection, nn.Module) else [])
-    params = [projection] if isinstance(projection, nn.Parameter) else []
-    return list(text.transformer.resblocks), modules, params
-
-
-def set_trainable(model: Any, mode: TrainMode, last_n_blocks: int = 2) -> int:
-    """Freeze/unfreeze parameters for the mode; returns the number of trainable parameters.
-
-    - full: everything;
-    - last_n: the last N blocks of each tower, what follows them (final norms, projections), and
-      the logit scale;
-    - frozen_text: everything but the text tower (token/positional embeddings, transformer,
-      final norm, text projection).
-    """
-    if mode == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-    elif mode == "frozen_text":
-        text_ids = {id(p) for p in _text_parameters(model)}
-        for p in model.parameters():
-            p.requires_grad_(id(p) not in text_ids)
-    elif mode == "last_n":
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for blocks, modules, params in (_visual_blocks_and_head(model.visual), _text_blocks_and_head(model)):
-            for module in [*list(blocks)[-last_n_blocks:], *modules] if last_n_blocks > 0 else modules:
-                for p in module.parameters():
-                    p.requires_grad_(True)
-            for p in params:
-                p.requires_grad_(True)
-        model.logit_scale.requires_grad_(True)
-    else:
-        raise ValueError(f"unknown train mode {mode!r}; use full, last_n or frozen_text")
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def _text_parameters(model: Any) -> list[nn.Parameter]:
-    text = _text_module(model)
-    if text is not model:
-        return list(text.parameters())
-    visual_ids = {id(p) for p in model.visual.parameters()}
-    return [p for n, p in model.named_parameters() if id(p) not in visual_ids and not n.startswith("logit_")]
-
-
-def _is_head(name: str) -> bool:
-    """Text tower, projections and logit scale: the parts a random text tower needs to move most."""
-    return not name.startswith("visual.") or name.startswith(("visual.proj", "visual.head."))
-
-
-def param_groups(model: nn.Module, lr: float, weight_decay: float, head_lr_scale: float) -> list[dict[str, Any]]:
-    """AdamW groups: decay only matrices (not biases, norms, embeddings, logit scale); head LR scaled."""
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        decay = p.ndim >= 2 and "embedding" not in name
-        groups.setdefault((_is_head(name), decay), []).append(p)
-    return [
-        {"params": params, "lr": lr * (head_lr_scale if head else 1.0), "weight_decay": weight_decay if decay else 0.0}
-        for (head, decay), params in sorted(groups.items())
-    ]
-
-
-def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """LR factor: linear warm-up, then cosine decay to 0 at total_steps.
-
-    Warm-up is capped at a quarter of the run so that short runs still reach the peak LR.
-    """
-    warmup = max(0, min(warmup_steps, total_steps // 4))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
-# --- helpers --------------------------------------------------------------------------------------
-
-
-def autocast_for(device: torch.device) -> AbstractContextManager[Any]:
-    """bf16 autocast on CUDA (fp32 master weights); plain fp32 elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def _preprocess_all(images: Sequence[Any], preprocess: Callable[[Any], torch.Tensor]) -> torch.Tensor:
-    return torch.stack([preprocess(images[i]) for i in range(len(images))])
-
-
-class _Batches:
-    """Eval-transformed image batches; the tensor is cached when it fits in memory."""
-
-    def __init__(self, images: Sequence[Any], preprocess: Callable[[Any], torch.Tensor], image_size: int) -> None:
-        self.images = images
-        self.preprocess = preprocess
-        fits = len(images) * 3 * image_size * image_size * 4 <= _CACHE_LIMIT_BYTES
-        self.cached = _preprocess_all(images, preprocess) if fits and len(images) else None
-
-    def get(self, indices: Sequence[int]) -> torch.Tensor:
-        if self.cached is not None:
-            return self.cached[list(indices)]
-        return torch.stack([self.preprocess(self.images[i]) for i in indices])
-
-
-def _text_features(model: Any, tokens: torch.Tensor, spec: HeadSpec) -> dict[str, torch.Tensor]:
-    features = normalize(model.encode_text(tokens).float())
-    sizes = [len(spec.values[a]) for a in spec.values]
-    return dict(zip(spec.values, features.split(sizes), strict=True))
-
-
-def _targets_tensor(targets: Mapping[str, Sequence[int]], indices: Sequence[int], device: torch.device) -> dict[str, torch.Tensor]:
-    return {a: torch.tensor([t[i] for i in indices], dtype=torch.long, device=device) for a, t in targets.items()}
-
-
-def _set_train_mode(model: nn.Module, freeze_batchnorm: bool) -> None:
-    model.train()
-    if freeze_batchnorm:
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()
-
-
 # --- fit ------------------------------------------------------------------------------------------
 
 
@@ -308,190 +158,166 @@ def fit(
     started = time.monotonic()
     if len(train) == 0:
         raise ValueError("no training examples")
+    run = _set_up(bundle, spec, train, config, progress)
+    validation = _Validation.of(bundle, val)
+    log.info("fit.start", train=len(train), val=len(val) if val else 0, trainable=run.trainable,
+             steps=run.total_steps, mode=config.mode, device=str(bundle.device))
+    best = _BestEpoch(config.patience)
+    history: list[EpochStats] = []
+    stopped_early = False
+    for epoch in range(1, config.epochs + 1):
+        history.append(_epoch(run, epoch, validation))
+        if best.out_of_patience(history[-1], bundle.model):
+            stopped_early = epoch < config.epochs
+            break
+    state = best.restore(bundle.model)
+    return FitResult(
+        state_dict=state, history=history, best_epoch=best.epoch, best_val_loss=best.loss,
+        stopped_early=stopped_early, steps=run.step, seconds=time.monotonic() - started, config=asdict(config),
+    )
+
+
+@dataclass
+class _Run:
+    """One fit's moving parts: set up once, carried across epochs."""
+
+    bundle: ClipBundle
+    spec: HeadSpec
+    train: LabeledImages
+    config: TrainConfig
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    tokens: torch.Tensor
+    sampler: BalancedBatchSampler
+    train_images: PreprocessedImages | None  # eval-transformed once, when not augmenting
+    trainable: int
+    steps_per_epoch: int
+    total_steps: int
+    progress: Progress | None
+    step: int = 0
+
+
+@dataclass
+class _Validation:
+    """The validation images, preprocessed once for the whole run, and their targets."""
+
+    images: PreprocessedImages
+    targets: dict[str, list[int]]
+
+    @classmethod
+    def of(cls, bundle: ClipBundle, val: LabeledImages | None) -> _Validation | None:
+        """None without validation images (the training loss then stands in)."""
+        if val is None or not len(val):
+            return None
+        return cls(PreprocessedImages(val.images, bundle.preprocess, bundle.image_size), val.targets)
+
+
+def _set_up(
+    bundle: ClipBundle, spec: HeadSpec, train: LabeledImages, config: TrainConfig, progress: Progress | None
+) -> _Run:
+    """Seed, choose the trainable weights, and build the optimizer, LR schedule and batch sampler."""
     model: Any = bundle.model
-    device = bundle.device
     torch.manual_seed(config.seed)
     trainable = set_trainable(model, config.mode, config.last_n_blocks)
     optimizer = torch.optim.AdamW(param_groups(model, config.lr, config.weight_decay, config.head_lr_scale))
     steps_per_epoch = config.steps_per_epoch or max(1, math.ceil(len(train) / config.batch_size))
     total_steps = steps_per_epoch * config.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup_steps, total_steps))
-    tokens = bundle.tokenizer(spec.all_captions()).to(device)
-    sampler = BalancedBatchSampler(train.targets, config.batch_size, steps_per_epoch, config.seed)
-    train_images = None if config.augment else _Batches(train.images, bundle.preprocess, bundle.image_size)
-    val_batches = _Batches(val.images, bundle.preprocess, bundle.image_size) if val is not None and len(val) else None
-    log.info("fit.start", train=len(train), val=len(val) if val else 0, trainable=trainable,
-             steps=total_steps, mode=config.mode, device=str(device))
-
-    best_loss, best_epoch, best_state, stale = math.inf, -1, None, 0
-    history: list[EpochStats] = []
-    step = 0
-    stopped_early = False
-    for epoch in range(1, config.epochs + 1):
-        epoch_start = time.monotonic()
-        _set_train_mode(model, config.freeze_batchnorm)
-        losses = []
-        for batch_step, indices in enumerate(sampler, start=1):
-            if train_images is not None:
-                pixels = train_images.get(indices)
-            else:
-                pixels = torch.stack([bundle.preprocess_train(train.images[i]) for i in indices])
-            targets = _targets_tensor(train.targets, indices, device)
-            with autocast_for(device):
-                image_features = model.encode_image(pixels.to(device, non_blocking=True))
-                text_features = _text_features(model, tokens, spec)
-                loss = multi_attribute_loss(image_features, text_features, targets, model.logit_scale.exp())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100))
-            step += 1
-            losses.append(float(loss.detach()))
-            if progress:
-                progress({"phase": "step", "epoch": epoch, "epochs": config.epochs, "step": batch_step,
-                          "steps_per_epoch": steps_per_epoch, "global_step": step, "total_steps": total_steps,
-                          "loss": losses[-1], "lr": scheduler.get_last_lr()[0]})
-        train_loss = sum(losses) / len(losses)
-        if val_batches is not None and val is not None:
-            val_loss = _eval_loss(model, tokens, spec, val_batches, val.targets, device, config.eval_batch_size)
-        else:
-            val_loss = train_loss
-        history.append(EpochStats(epoch, train_loss, val_loss, float(scheduler.get_last_lr()[0]),
-                                  time.monotonic() - epoch_start))
-        log.info("fit.epoch", epoch=epoch, train_loss=round(train_loss, 4), val_loss=round(val_loss, 4))
-        if progress:
-            progress({"phase": "epoch", "epoch": epoch, "epochs": config.epochs, "global_step": step,
-                      "total_steps": total_steps, "train_loss": train_loss, "val_loss": val_loss})
-        if val_loss < best_loss:
-            best_loss, best_epoch, stale = val_loss, epoch, 0
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        else:
-            stale += 1
-            if stale >= config.patience:
-                stopped_early = epoch < config.epochs
-                break
-    assert best_state is not None
-    model.load_state_dict(best_state)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return FitResult(
-        state_dict=best_state, history=history, best_epoch=best_epoch, best_val_loss=best_loss,
-        stopped_early=stopped_early, steps=step, seconds=time.monotonic() - started, config=asdict(config),
+    return _Run(
+        bundle=bundle, spec=spec, train=train, config=config, optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup_steps, total_steps)),
+        tokens=bundle.tokenizer(spec.all_captions()).to(bundle.device),
+        sampler=BalancedBatchSampler(train.targets, config.batch_size, steps_per_epoch, config.seed),
+        train_images=None if config.augment else PreprocessedImages(train.images, bundle.preprocess, bundle.image_size),
+        trainable=trainable, steps_per_epoch=steps_per_epoch, total_steps=total_steps, progress=progress,
     )
 
 
-@torch.no_grad()
-def _eval_loss(
-    model: Any, tokens: torch.Tensor, spec: HeadSpec, batches: _Batches,
-    targets: Mapping[str, Sequence[int]], device: torch.device, batch_size: int,
-) -> float:
-    model.eval()
-    size = len(batches.images)
-    total = 0.0
+def _epoch(run: _Run, epoch: int, validation: _Validation | None) -> EpochStats:
+    """Train one epoch, then score the validation set; log and report the epoch."""
+    started = time.monotonic()
+    train_loss = _train_epoch(run, epoch)
+    if validation is not None:
+        val_loss = score_images(run.bundle, run.tokens, run.spec, validation.images, validation.targets,
+                                run.config.eval_batch_size).loss
+    else:
+        val_loss = train_loss
+    stats = EpochStats(epoch, train_loss, val_loss, float(run.scheduler.get_last_lr()[0]), time.monotonic() - started)
+    log.info("fit.epoch", epoch=epoch, train_loss=round(train_loss, 4), val_loss=round(val_loss, 4))
+    if run.progress:
+        run.progress({"phase": "epoch", "epoch": epoch, "epochs": run.config.epochs, "global_step": run.step,
+                      "total_steps": run.total_steps, "train_loss": train_loss, "val_loss": val_loss})
+    return stats
+
+
+def _train_epoch(run: _Run, epoch: int) -> float:
+    """`steps_per_epoch` optimizer steps on balanced batches; returns the mean training loss."""
+    _set_train_mode(run.bundle.model, run.config.freeze_batchnorm)
+    losses = []
+    for batch_step, indices in enumerate(run.sampler, start=1):
+        losses.append(_train_step(run, indices))
+        if run.progress:
+            run.progress({"phase": "step", "epoch": epoch, "epochs": run.config.epochs, "step": batch_step,
+                          "steps_per_epoch": run.steps_per_epoch, "global_step": run.step,
+                          "total_steps": run.total_steps, "loss": losses[-1], "lr": run.scheduler.get_last_lr()[0]})
+    return sum(losses) / len(losses)
+
+
+def _train_step(run: _Run, indices: Sequence[int]) -> float:
+    """One AdamW step on the images at `indices`; returns the batch loss."""
+    model: Any = run.bundle.model
+    device = run.bundle.device
+    if run.train_images is not None:
+        pixels = run.train_images.get(indices)
+    else:
+        pixels = torch.stack([run.bundle.preprocess_train(run.train.images[i]) for i in indices])
+    targets = targets_tensor(run.train.targets, indices, device)
     with autocast_for(device):
-        text_features = _text_features(model, tokens, spec)
-        for start in range(0, size, batch_size):
-            indices = list(range(start, min(size, start + batch_size)))
-            image_features = model.encode_image(batches.get(indices).to(device))
-            loss = multi_attribute_loss(image_features, text_features, _targets_tensor(targets, indices, device),
-                                        model.logit_scale.exp())
-            total += float(loss) * len(indices)
-    return total / max(1, size)
+        image_features = model.encode_image(pixels.to(device, non_blocking=True))
+        features = text_features(model, run.tokens, run.spec)
+        loss = multi_attribute_loss(image_features, features, targets, model.logit_scale.exp())
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    run.optimizer.step()
+    run.scheduler.step()
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, math.log(100))
+    run.step += 1
+    return float(loss.detach())
 
 
-# --- evaluate -------------------------------------------------------------------------------------
+def _set_train_mode(model: nn.Module, freeze_batchnorm: bool) -> None:
+    model.train()
+    if freeze_batchnorm:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
 
 @dataclass
-class EvalResult:
-    """Loss and per-attribute accuracy, macro-F1 and confusion matrix ([true][predicted])."""
+class _BestEpoch:
+    """Early stopping: the epoch with the lowest validation loss so far, its weights, epochs since."""
 
-    loss: float
-    attributes: dict[str, dict[str, Any]]
+    patience: int
+    loss: float = math.inf
+    epoch: int = -1
+    state: dict[str, torch.Tensor] | None = None
+    stale: int = 0
 
-    @property
-    def macro_f1(self) -> float:
-        """Mean over attributes of the attribute's macro-F1 (the promotion criterion)."""
-        scores = [a["macro_f1"] for a in self.attributes.values()]
-        return sum(scores) / len(scores) if scores else 0.0
+    def out_of_patience(self, stats: EpochStats, model: nn.Module) -> bool:
+        """Keep the model's weights if this epoch is the best; True once `patience` epochs were not."""
+        if stats.val_loss < self.loss:
+            self.loss, self.epoch, self.stale = stats.val_loss, stats.epoch, 0
+            self.state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            return False
+        self.stale += 1
+        return self.stale >= self.patience
 
-    @property
-    def accuracy(self) -> float:
-        scores = [a["accuracy"] for a in self.attributes.values()]
-        return sum(scores) / len(scores) if scores else 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"loss": self.loss, "macro_f1": self.macro_f1, "accuracy": self.accuracy, "attributes": self.attributes}
-
-
-@torch.no_grad()
-def evaluate(
-    bundle: ClipBundle,
-    spec: HeadSpec,
-    data: LabeledImages,
-    data_values: Mapping[str, Sequence[str]] | None = None,
-    batch_size: int = 64,
-) -> EvalResult:
-    """Score a model on labeled images.
-
-    `spec` is the model's own classifier (values, captions). `data.targets` index into
-    `data_values` (default: spec.values), the value space metrics are reported in; this lets a
-    champion trained on an older taxonomy be scored on today's test set. A predicted value that
-    today's taxonomy lacks counts as wrong (an extra "(other)" class); an attribute the model
-    does not know scores 0.
-    """
-    data_values = data_values or spec.values
-    model: Any = bundle.model
-    device = bundle.device
-    model.eval()
-    known = [a for a in data_values if a in spec.values]
-    head = HeadSpec({a: spec.values[a] for a in known}, {a: spec.captions[a] for a in known})
-    to_model = {a: _index_map(data_values[a], head.values[a]) for a in known}
-    model_targets = {a: [to_model[a].get(t, IGNORE) for t in data.targets[a]] for a in known}
-    batches = _Batches(data.images, bundle.preprocess, bundle.image_size)
-    predictions: dict[str, list[int]] = {a: [] for a in known}
-    total = 0.0
-    if known and len(data):
-        tokens = bundle.tokenizer(head.all_captions()).to(device)
-        with autocast_for(device):
-            text_features = _text_features(model, tokens, head)
-            for start in range(0, len(data), batch_size):
-                indices = list(range(start, min(len(data), start + batch_size)))
-                image_features = model.encode_image(batches.get(indices).to(device))
-                loss = multi_attribute_loss(image_features, text_features, _targets_tensor(model_targets, indices, device),
-                                            model.logit_scale.exp())
-                total += float(loss) * len(indices)
-                for a, feats in text_features.items():
-                    predictions[a].extend((normalize(image_features.float()) @ feats.float().T).argmax(-1).tolist())
-    return EvalResult(
-        loss=total / max(1, len(data)),
-        attributes={a: _attribute_metrics(a, data_values[a], data.targets[a], predictions.get(a), head.values.get(a))
-                    for a in data_values},
-    )
-
-
-def _index_map(source: Sequence[str], target: Sequence[str]) -> dict[int, int]:
-    position = {name: i for i, name in enumerate(target)}
-    return {i: position[name] for i, name in enumerate(source) if name in position}
-
-
-def _attribute_metrics(
-    attribute: str, values: Sequence[str], targets: Sequence[int], predicted: Sequence[int] | None,
-    model_values: Sequence[str] | None,
-) -> dict[str, Any]:
-    labeled = sum(1 for t in targets if t != IGNORE)
-    if predicted is None or model_values is None:
-        return {"accuracy": 0.0, "macro_f1": 0.0, "support": labeled, "values": list(values),
-                "confusion": None, "note": f"model has no head for {attribute}"}
-    back = _index_map(model_values, values)
-    other = len(values)
-    mapped = [back.get(p, other) for p in predicted]
-    classes = len(values) + (1 if other in mapped else 0)
-    confusion = confusion_matrix(torch.tensor(mapped, dtype=torch.long), torch.tensor(list(targets), dtype=torch.long), classes)
-    accuracy, macro_f1 = accuracy_and_macro_f1(confusion)
-    names = list(values) + (["(other)"] if classes > len(values) else [])
-    return {"accuracy": accuracy, "macro_f1": macro_f1, "support": labeled, "values": names,
-            "confusion": confusion.tolist()}
+    def restore(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Load the kept weights into `model`, frozen and in eval mode; returns them."""
+        if self.state is None:  # only when every validation loss was NaN (or epochs is 0)
+            raise ValueError("training kept no epoch: no validation loss was a number; lower train_lr")
+        model.load_state_dict(self.state)
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return self.state

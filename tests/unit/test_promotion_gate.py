@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from shelfsight.trainer import service
-from shelfsight.trainer.train import EvalResult
+from shelfsight.trainer.evaluate import EvalResult
 
 
 def _result(*f1s: float) -> EvalResult:

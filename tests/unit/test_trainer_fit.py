@@ -7,15 +7,11 @@ import torch
 from PIL import Image
 
 from shelfsight.shared.model_factory import create_clip
+from shelfsight.shared.settings import Settings
 from shelfsight.trainer.dataset import LabeledImages
-from shelfsight.trainer.train import (
-    HeadSpec,
-    TrainConfig,
-    evaluate,
-    fit,
-    set_trainable,
-    warmup_cosine,
-)
+from shelfsight.trainer.evaluate import HeadSpec, evaluate
+from shelfsight.trainer.optim import set_trainable, warmup_cosine
+from shelfsight.trainer.train import TrainConfig, fit
 
 SPEC = HeadSpec({"colour": ["red", "blue"]}, {"colour": ["red", "blue"]})
 
@@ -30,8 +26,8 @@ def test_fit_reduces_training_loss_and_keeps_the_best_epoch() -> None:
     data = _separable()
     before = evaluate(bundle, SPEC, data)
     steps: list[dict] = []
-    result = fit(bundle, SPEC, data, data, TrainConfig(epochs=4, batch_size=8, lr=1e-3, warmup_steps=2),
-                 progress=steps.append)
+    config = TrainConfig.from_settings(Settings(), epochs=4, batch_size=8, lr=1e-3, warmup_steps=2)
+    result = fit(bundle, SPEC, data, data, config, progress=steps.append)
     after = evaluate(bundle, SPEC, data)
     assert result.history[-1].train_loss < result.history[0].train_loss / 2
     assert after.loss < before.loss / 2
@@ -49,7 +45,8 @@ def test_early_stopping_stops_after_patience_epochs_without_improvement() -> Non
     bundle = create_clip("shelfsight-tiny", "none")
     data = _separable(8)
     # lr 0: the val loss never improves after epoch 1, so training stops at 1 + patience
-    result = fit(bundle, SPEC, data, data, TrainConfig(epochs=10, batch_size=8, lr=0.0, patience=2))
+    config = TrainConfig.from_settings(Settings(), epochs=10, batch_size=8, lr=0.0, patience=2)
+    result = fit(bundle, SPEC, data, data, config)
     assert len(result.history) == 3 and result.stopped_early and result.best_epoch == 1
 
 
@@ -93,7 +90,8 @@ def test_warmup_then_cosine_decay() -> None:
 def test_evaluate_maps_a_champion_with_other_values_onto_todays_values() -> None:
     bundle = create_clip("shelfsight-tiny", "none")
     data = _separable(8)
-    fit(bundle, SPEC, data, None, TrainConfig(epochs=4, batch_size=8, lr=1e-3, warmup_steps=1))
+    fit(bundle, SPEC, data, None,
+        TrainConfig.from_settings(Settings(), epochs=4, batch_size=8, lr=1e-3, warmup_steps=1))
     # the model scores values in another order; metrics still come out in data order
     swapped = HeadSpec({"colour": ["blue", "red"]}, {"colour": ["blue", "red"]})
     same = evaluate(bundle, swapped, data, data_values=SPEC.values)
