@@ -11,7 +11,7 @@ from celery import Celery
 
 from shelfsight.shared.celery_app import create_celery_app
 from shelfsight.shared.settings import Settings
-from shelfsight.trainer.service import TrainerResources
+from shelfsight.trainer.resources import TrainerResources
 
 TRAINER_TASKS = ("shelfsight.trainer.tasks",)
 

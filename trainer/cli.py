@@ -85,7 +85,8 @@ def import_labels(settings: Settings, file: str, as_json: bool) -> int:
     Every rejected line is listed on stderr with its line number and reason.
     """
     from shelfsight.trainer.labels import LabelFileTooLarge
-    from shelfsight.trainer.service import TrainerResources, import_and_trigger
+    from shelfsight.trainer.resources import TrainerResources
+    from shelfsight.trainer.service import import_and_trigger
 
     try:
         source = _read_label_file(file, settings)
@@ -310,7 +311,8 @@ def _print_pointer(category: str, pointer: dict[str, Any], as_json: bool) -> Non
 def models_promote(settings: Settings, category: str, version: str, reason: str, as_json: bool) -> int:
     """Serve VERSION now and announce it to the workers."""
     from shelfsight.shared.storage import ObjectMissing
-    from shelfsight.trainer.service import TrainerResources, promote_version
+    from shelfsight.trainer.resources import TrainerResources
+    from shelfsight.trainer.service import promote_version
 
     try:
         pointer = promote_version(TrainerResources.build(settings), category, version, reason=reason)
@@ -327,7 +329,8 @@ def models_promote(settings: Settings, category: str, version: str, reason: str,
 def models_rollback(settings: Settings, category: str, as_json: bool) -> int:
     """Serve the previously served version again, and announce it."""
     from shelfsight.shared.storage import ObjectMissing
-    from shelfsight.trainer.service import TrainerResources, rollback_category
+    from shelfsight.trainer.resources import TrainerResources
+    from shelfsight.trainer.service import rollback_category
 
     try:
         pointer = rollback_category(TrainerResources.build(settings), category)

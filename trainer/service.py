@@ -1,84 +1,46 @@
 """Trainer services: what the Celery tasks and the CLI call. Knows S3, Redis and the registry;
-the training math itself lives in trainer.train.
+the training math itself lives in trainer.train and trainer.evaluate.
 
-- `train_category`: labels -> frozen splits -> fit -> test -> champion/challenger gate ->
-  registry upload (+ report) -> promote and announce, under a per-category Redis lock.
+- `train_category`: under a per-category Redis lock, gather the category's data
+  (trainer.category_data), train a challenger and gate it against the champion
+  (trainer.gate), publish it to the registry and promote it if it won (trainer.publish).
 - `import_and_trigger`: import labels, count new labels per category in Redis, enqueue a
   retrain when settings.retrain_after_labels is reached.
+- `promote_version`, `rollback_category`: operator changes to the serving version.
 """
 
 from __future__ import annotations
 
-import json
-import threading
 import uuid
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import redis
 import structlog
 from celery import Celery
-from safetensors.torch import save as save_safetensors
 
-from shelfsight.shared.events import LabelRecord, parse_s3_uri
-from shelfsight.shared.model_factory import WeightsError, create_clip, sha256_bytes
-from shelfsight.shared.registry import Manifest, ModelRegistry, new_version
-from shelfsight.shared.settings import Settings
-from shelfsight.shared.storage import ObjectMissing, ObjectStore, ObjectTooLarge, S3ObjectStore
+from shelfsight.shared.events import parse_s3_uri
+from shelfsight.shared.model_factory import ClipBundle, create_clip
+from shelfsight.shared.storage import ObjectTooLarge
 from shelfsight.shared.streams import announce_model
-from shelfsight.shared.training_jobs import acquire_training_lock, enqueue_training, release_training_lock
-from shelfsight.shared.taxonomy import Taxonomy, load_taxonomy
-from shelfsight.trainer.dataset import EncodedImage, LabeledImages, LazyImages, assign_splits, target_indices
-from shelfsight.trainer.labels import (
-    ImportResult,
-    LabelFileTooLarge,
-    import_labels,
-    label_categories,
-    load_category_labels,
+from shelfsight.shared.training_jobs import (
+    acquire_training_lock,
+    enqueue_training,
+    release_training_lock,
 )
-from shelfsight.trainer.report import REPORT_NAME, render_report
-from shelfsight.trainer.evaluate import EvalResult, HeadSpec, evaluate
-from shelfsight.trainer.train import TrainConfig, fit
+from shelfsight.trainer.category_data import (
+    TrainingData,
+    fetch_training_data,
+    head_spec,
+    split_labels,
+)
+from shelfsight.trainer.evaluate import HeadSpec
+from shelfsight.trainer.gate import GateOutcome, train_and_gate
+from shelfsight.trainer.labels import LabelFileTooLarge, import_labels, label_categories
+from shelfsight.trainer.publish import promote_and_announce, publish, report_key
+from shelfsight.trainer.resources import TrainerResources
+from shelfsight.trainer.train import Progress
 
 log = structlog.get_logger()
-
-TEST_SET_NAME = "test-set.json"
-MIN_PRODUCTS = 3
-_FETCH_THREADS = 16
-
-Progress = Callable[[dict[str, Any]], None]
-
-
-class TrainingError(Exception):
-    """Training cannot run for a reason the operator can fix (too few labels, bad category)."""
-
-
-# --- per-process resources ------------------------------------------------------------------------
-
-
-@dataclass
-class TrainerResources:
-    """The trainer's clients, built once per process by its composition root and passed down."""
-
-    settings: Settings
-    store: ObjectStore
-    redis: redis.Redis
-    taxonomy: Taxonomy
-    registry: ModelRegistry
-
-    @classmethod
-    def build(cls, settings: Settings, store: ObjectStore | None = None) -> TrainerResources:
-        store = store or S3ObjectStore(settings)
-        return cls(
-            settings=settings,
-            store=store,
-            redis=redis.Redis.from_url(settings.broker_url),
-            taxonomy=load_taxonomy(settings.taxonomy_path),
-            registry=ModelRegistry(store, settings.bucket, settings.models_prefix),
-        )
 
 
 # --- retrain after N new labels -------------------------------------------------------------------
@@ -96,9 +58,6 @@ return {0, total}
 
 def new_labels_key(category: str) -> str:
     return f"shelfsight:new-labels:{category}"
-
-
-# --- labels ---------------------------------------------------------------------------------------
 
 
 def read_label_source(resources: TrainerResources, source: str | Sequence[Mapping[str, Any]]) -> bytes | Sequence[Mapping[str, Any]]:
@@ -123,7 +82,7 @@ def import_and_trigger(
     """
     settings = resources.settings
     data = read_label_source(resources, source) if isinstance(source, str) else source
-    result: ImportResult = import_labels(
+    result = import_labels(
         data, store=resources.store, bucket=settings.bucket, labels_prefix=settings.labels_prefix,
         taxonomy=resources.taxonomy, max_bytes=settings.max_label_file_bytes,
     )
@@ -158,129 +117,6 @@ def retrain_all(app: Celery, resources: TrainerResources) -> dict[str, Any]:
 # --- the training run -----------------------------------------------------------------------------
 
 
-def head_spec(taxonomy: Taxonomy, category: str, caption_template: str | None = None) -> HeadSpec:
-    """Value names and captions of every attribute (bare values unless a template is given)."""
-    attributes = taxonomy.category(category).attributes
-    if caption_template is not None and "{}" not in caption_template:
-        raise ValueError(f"caption template {caption_template!r} must contain '{{}}' where the value goes")
-    return HeadSpec(
-        values={a: attr.value_names for a, attr in attributes.items()},
-        captions={a: attr.captions(caption_template) for a, attr in attributes.items()},
-    )
-
-
-def _valid_labels(taxonomy: Taxonomy, records: Sequence[LabelRecord]) -> tuple[list[LabelRecord], int]:
-    """Labels still valid under today's taxonomy (values may have been removed since import)."""
-    kept = []
-    for record in records:
-        try:
-            taxonomy.check_labels(record.category, record.attributes)
-            kept.append(record)
-        except (KeyError, ValueError):
-            continue
-    return kept, len(records) - len(kept)
-
-
-def load_assignments(resources: TrainerResources, category: str) -> dict[str, str]:
-    """The persisted split assignment {product_id: split}, empty for a new category."""
-    registry = resources.registry
-    try:
-        body = resources.store.get(registry.bucket, registry.key(category, TEST_SET_NAME)).body
-    except ObjectMissing:
-        return {}
-    return dict(json.loads(body).get("assignments", {}))
-
-
-def persist_assignments(resources: TrainerResources, category: str, assignments: Mapping[str, str]) -> str:
-    """Write test-set.json (all assignments, test ids listed); returns its key."""
-    settings = resources.settings
-    test_ids = sorted(pid for pid, split in assignments.items() if split == "test")
-    resources.registry.put_json(category, TEST_SET_NAME, {
-        "category": category,
-        "seed": settings.train_seed,
-        "val_fraction": settings.train_val_fraction,
-        "test_fraction": settings.train_test_fraction,
-        "test_product_ids": test_ids,
-        "assignments": dict(sorted(assignments.items())),
-        "updated_at": datetime.now(UTC).isoformat(),
-    })
-    return resources.registry.key(category, TEST_SET_NAME)
-
-
-def _fetch_images(
-    resources: TrainerResources, records: Sequence[LabelRecord], draft_size: int | None = None
-) -> tuple[list[EncodedImage | None], list[str]]:
-    """Image bytes per record (None where unusable now) and one message per skipped image.
-
-    `draft_size` is the model's input size: JPEGs decode at the same reduced scale as in the worker.
-    """
-    settings = resources.settings
-
-    def fetch(record: LabelRecord) -> EncodedImage | str:
-        bucket, key = parse_s3_uri(record.image)
-        try:
-            body = resources.store.get(bucket, key, max_bytes=settings.max_image_bytes).body
-        except (ObjectMissing, ObjectTooLarge) as exc:
-            return f"{record.product_id}: {exc}"
-        return EncodedImage(body, settings.max_image_bytes, settings.max_image_pixels, draft_size)
-
-    with ThreadPoolExecutor(max_workers=_FETCH_THREADS) as pool:
-        fetched = list(pool.map(fetch, records))
-    images = [f if isinstance(f, EncodedImage) else None for f in fetched]
-    skipped = [f for f in fetched if isinstance(f, str)]
-    return images, skipped
-
-
-def _split_data(
-    records: Sequence[LabelRecord], images: Sequence[EncodedImage | None], assignments: Mapping[str, str], spec: HeadSpec
-) -> dict[str, LabeledImages]:
-    out = {}
-    for split in ("train", "val", "test"):
-        chosen = [(r, im) for r, im in zip(records, images, strict=True) if im is not None and assignments.get(r.product_id) == split]
-        out[split] = LabeledImages(
-            images=LazyImages([im for _, im in chosen if im is not None]),
-            targets=target_indices([r for r, _ in chosen], spec.values),
-            ids=[r.product_id for r, _ in chosen],
-        )
-    return out
-
-
-def evaluate_champion(
-    resources: TrainerResources, category: str, test: LabeledImages, spec: HeadSpec
-) -> tuple[str | None, EvalResult | None, str | None]:
-    """(champion version, its test result, error) — all None for a category with no champion."""
-    pointer = resources.registry.current(category)
-    if pointer is None:
-        return None, None, None
-    settings = resources.settings
-    try:
-        manifest = resources.registry.manifest(category, pointer.version)
-        bundle = create_clip(
-            manifest.architecture, resources.registry.weights_uri(category, pointer.version),
-            device=settings.device, precision="fp32", store=resources.store,
-            expected_sha256=manifest.weights_sha256,
-        )
-    except (WeightsError, ObjectMissing, ValueError) as exc:
-        log.error("train.champion_unloadable", category=category, version=pointer.version, error=str(exc))
-        return pointer.version, None, f"champion {pointer.version} could not be loaded: {exc}"
-    result = evaluate(bundle, HeadSpec(manifest.values, manifest.captions), test, data_values=spec.values)
-    return pointer.version, result, None
-
-
-def gate(challenger: EvalResult, champion: EvalResult | None, champion_version: str | None,
-         champion_error: str | None, margin: float) -> tuple[bool, str]:
-    """Promotion decision and its reason (test macro-F1, mean over attributes)."""
-    if champion_version is None:
-        return True, "first model of the category (no champion)"
-    if champion is None:
-        return True, f"{champion_error}; promoting the challenger"
-    threshold = champion.macro_f1 + margin
-    verdict = "≥" if challenger.macro_f1 >= threshold else "<"
-    reason = (f"challenger test macro-F1 {challenger.macro_f1:.4f} {verdict} champion {champion_version} "
-              f"{champion.macro_f1:.4f} + margin {margin:.4f}")
-    return challenger.macro_f1 >= threshold, reason
-
-
 def train_category(
     resources: TrainerResources,
     category: str,
@@ -288,7 +124,6 @@ def train_category(
     owner: str | None = None,
     caption_template: str | None = None,
     progress: Progress | None = None,
-    config_overrides: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train a challenger for `category`, gate it against the champion, publish the result.
 
@@ -311,92 +146,56 @@ def train_category(
         report(meta)
 
     try:
-        return _train(resources, category, caption_template, progress_and_keep_lock, config_overrides or {})
+        return _train(resources, category, caption_template, progress_and_keep_lock)
     finally:
         release_training_lock(resources.redis, category, owner)
 
 
 def _train(
-    resources: TrainerResources, category: str, caption_template: str | None, progress: Progress,
-    config_overrides: Mapping[str, Any],
+    resources: TrainerResources, category: str, caption_template: str | None, progress: Progress
 ) -> dict[str, Any]:
-    settings, registry = resources.settings, resources.registry
+    """One run, lock held: gather data, train and gate, publish; returns the run's summary."""
     spec = head_spec(resources.taxonomy, category, caption_template)
     progress({"phase": "loading"})
-    labels = load_category_labels(resources.store, settings.bucket, settings.labels_prefix, category)
-    records, stale = _valid_labels(resources.taxonomy, labels.records)
-    if len(records) < MIN_PRODUCTS:
-        raise TrainingError(
-            f"{category} has {len(records)} usable labeled products; at least {MIN_PRODUCTS} are needed. "
-            "Import labels with `shelfsight labels import FILE.jsonl`."
-        )
-    previous = load_assignments(resources, category)
-    assignments = assign_splits(records, previous, val_fraction=settings.train_val_fraction,
-                                test_fraction=settings.train_test_fraction, seed=settings.train_seed)
-    test_set_key = persist_assignments(resources, category, assignments) if assignments != previous else registry.key(category, TEST_SET_NAME)
+    bundle, data = _gather_data(resources, category, spec)
+    outcome = train_and_gate(resources, category, spec, bundle, data, progress)
+    progress({"phase": "uploading"})
+    version = publish(resources, category, caption_template, spec, bundle, data, outcome)
+    return _run_summary(resources, category, version, data, outcome)
+
+
+def _gather_data(resources: TrainerResources, category: str, spec: HeadSpec) -> tuple[ClipBundle, TrainingData]:
+    """The base model to fine-tune and the category's train/val/test images.
+
+    The model is built after the labels are checked (too few fails fast, before any model
+    load) and before the images are fetched (they decode at its input size).
+    """
+    settings = resources.settings
+    labels = split_labels(resources, category)
     bundle = create_clip(settings.model_arch, settings.model_weights, device=settings.device,
                          precision="fp32", store=resources.store)
-    images, skipped = _fetch_images(resources, records, draft_size=bundle.image_size)
-    data = _split_data(records, images, assignments, spec)
-    sizes = {k: len(v) for k, v in data.items()}
-    log.info("train.data", category=category, labels=len(records), stale=stale, skipped=len(skipped), **sizes)
-    if sizes["train"] == 0 or sizes["test"] == 0:
-        raise TrainingError(f"{category}: split sizes {sizes}; need at least one training and one test product")
+    return bundle, fetch_training_data(resources, category, labels, spec, draft_size=bundle.image_size)
 
-    config = TrainConfig.from_settings(settings, **dict(config_overrides))
-    result = fit(bundle, spec, data["train"], data["val"], config, progress)
-    progress({"phase": "evaluating"})
-    challenger = evaluate(bundle, spec, data["test"], batch_size=config.eval_batch_size)
-    champion_version, champion, champion_error = evaluate_champion(resources, category, data["test"], spec)
-    promote, reason = gate(challenger, champion, champion_version, champion_error, settings.promotion_margin)
 
-    progress({"phase": "uploading"})
-    version = new_version()
-    state = {k: v.contiguous() for k, v in result.state_dict.items()}
-    weights = save_safetensors(state, metadata={"category": category, "version": version})
-    decision = {"promoted": promote, "reason": reason, "champion_version": champion_version,
-                "challenger_macro_f1": challenger.macro_f1,
-                "champion_macro_f1": champion.macro_f1 if champion else None,
-                "margin": settings.promotion_margin}
-    snapshot = labels.snapshot()
-    report = {
-        "category": category, "version": version, "created_at": datetime.now(UTC).isoformat(),
-        "architecture": bundle.architecture, "base_weights": bundle.weights,
-        "decision": decision, "splits": sizes, "labels": {"count": snapshot["count"], "stale": stale, "skipped_images": skipped},
-        "training": result.summary(),
-        "test": {"challenger": challenger.as_dict(), "champion": champion.as_dict() if champion else None,
-                 "champion_version": champion_version, "test_set_key": test_set_key},
-    }
-    files = render_report(report)
-    manifest = Manifest(
-        category=category, version=version, architecture=bundle.architecture, base_weights=bundle.weights,
-        taxonomy_version=resources.taxonomy.version, values=spec.values, captions=spec.captions,
-        caption_template=caption_template, weights_sha256=sha256_bytes(weights), weights_bytes=len(weights),
-        metrics={"test_macro_f1": challenger.macro_f1, "test_accuracy": challenger.accuracy,
-                 "test": challenger.as_dict(), "val_loss": result.best_val_loss, "decision": decision},
-        labels_snapshot=snapshot, test_set_key=test_set_key, parent_version=champion_version,
-        training={**result.summary(), "splits": sizes, "report": registry.key(category, version, REPORT_NAME)},
-    )
-    registry.upload_version(manifest, weights, extra_files=files)
-    if promote:
-        registry.promote(category, version, reason=reason)
-        announce_model(resources.redis, settings.model_events_channel, category, version)
-    log.info("train.done", category=category, version=version, promoted=promote, reason=reason,
-             test_macro_f1=round(challenger.macro_f1, 4))
+def _run_summary(
+    resources: TrainerResources, category: str, version: str, data: TrainingData, outcome: GateOutcome
+) -> dict[str, Any]:
+    """What the train task returns (and `shelfsight train --wait` prints)."""
     return {
-        "status": "promoted" if promote else "kept_champion",
-        "category": category, "version": version, "promoted": promote, "reason": reason,
-        "champion_version": champion_version, "test_macro_f1": challenger.macro_f1,
-        "champion_test_macro_f1": champion.macro_f1 if champion else None,
-        "splits": sizes, "report": registry.key(category, version, REPORT_NAME),
+        "status": "promoted" if outcome.promote else "kept_champion",
+        "category": category, "version": version, "promoted": outcome.promote, "reason": outcome.reason,
+        "champion_version": outcome.champion_version, "test_macro_f1": outcome.challenger.macro_f1,
+        "champion_test_macro_f1": outcome.champion.macro_f1 if outcome.champion else None,
+        "splits": data.sizes, "report": report_key(resources, category, version),
     }
+
+
+# --- operator changes to the serving version ------------------------------------------------------
 
 
 def promote_version(resources: TrainerResources, category: str, version: str, reason: str) -> dict[str, Any]:
     """Operator promotion: flip CURRENT and announce."""
-    pointer = resources.registry.promote(category, version, reason=reason)
-    announce_model(resources.redis, resources.settings.model_events_channel, category, version)
-    return pointer.model_dump(mode="json")
+    return promote_and_announce(resources, category, version, reason).model_dump(mode="json")
 
 
 def rollback_category(resources: TrainerResources, category: str) -> dict[str, Any]:

@@ -12,16 +12,17 @@ from typing import Any
 import structlog
 from celery import Task, shared_task
 
+from shelfsight.shared.celery_app import IMPORT_LABELS_TASK, RETRAIN_ALL_TASK, TRAIN_TASK
 from shelfsight.trainer import service
 from shelfsight.trainer.app import resources_of
-from shelfsight.shared.celery_app import IMPORT_LABELS_TASK, RETRAIN_ALL_TASK, TRAIN_TASK
+from shelfsight.trainer.train import Progress
 
 log = structlog.get_logger()
 
 PROGRESS_INTERVAL_S = 1.0
 
 
-def _reporter(task: Task) -> service.Progress:
+def _reporter(task: Task) -> Progress:
     """Forward training progress to the result backend as state PROGRESS (Flower, --wait).
 
     Steps are throttled to one update per PROGRESS_INTERVAL_S; phase changes and epoch ends
