@@ -29,7 +29,7 @@ import math
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import torch
 from PIL import Image
@@ -54,13 +54,6 @@ class LabeledImages:
 
     def __len__(self) -> int:
         return len(self.ids)
-
-    def subset(self, indices: Sequence[int]) -> LabeledImages:
-        return LabeledImages(
-            images=[self.images[i] for i in indices],
-            targets={a: [t[i] for i in indices] for a, t in self.targets.items()},
-            ids=[self.ids[i] for i in indices],
-        )
 
 
 class EncodedImage:
@@ -88,7 +81,13 @@ class LazyImages(Sequence[Image.Image]):
     def __len__(self) -> int:
         return len(self._items)
 
-    def __getitem__(self, index):  # noqa: ANN001
+    @overload
+    def __getitem__(self, index: int) -> Image.Image: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> LazyImages: ...
+
+    def __getitem__(self, index: int | slice) -> Image.Image | LazyImages:
         if isinstance(index, slice):
             return LazyImages(self._items[index])
         return self._items[index].decode()

@@ -61,10 +61,6 @@ class ImportResult:
     per_category: dict[str, int] = field(default_factory=dict)
     keys: list[str] = field(default_factory=list)
 
-    @property
-    def ok(self) -> bool:
-        return not self.rejected
-
     def as_dict(self) -> dict[str, Any]:
         return {
             "accepted": self.accepted,
