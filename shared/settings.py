@@ -187,7 +187,10 @@ class Settings(BaseSettings):
         "Prometheus can scrape it from outside.",
     )
     flower_basic_auth: SecretStr = Field(
-        SecretStr("admin:shelfsight"), description="user:password that protects Flower."
+        SecretStr(""),
+        description="user:password that protects Flower (several: comma-separated). No default: "
+        "`shelfsight flower` refuses to start with an empty, malformed, placeholder or short "
+        "(under 12 characters) password. The dev stack generates one.",
     )
     s3_notification_key_pattern: str = Field(
         r"^(?:[^/]+/)*(?P<category>[^/]+)/(?P<product_id>[^/.]+)\.[A-Za-z0-9]+$",

@@ -149,7 +149,7 @@ def run_demo(state_dir: Path, base: Settings) -> int:
         settings = stack.client_settings(base)
         worker_pid = stack.processes["worker"].pid
         print("dev stack up:", ", ".join(f"{k}=127.0.0.1:{v}" for k, v in stack.ports.items()),
-              f"(Flower basic auth: SHELFSIGHT_FLOWER_BASIC_AUTH; worker pid {worker_pid})")
+              f"(Flower basic auth: generated, in {stack.state_path}; worker pid {worker_pid})")
         store = S3ObjectStore(settings)
         held_out = [p for c, n in HELD_OUT.items() for p in generate_products(c, n, seed=900)]
         held_out_uris = upload_products(held_out, store, settings.bucket, prefix="uploads")

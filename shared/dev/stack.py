@@ -5,6 +5,12 @@ Every process runs in its own process group (session, see processes.py) and logs
 environment a shell needs, so that `shelfsight dev down` (another process) can stop the
 stack, process groups included, and `shelfsight dev env` can print the exports again.
 
+Nothing runs with a default secret: each `up` generates a Redis password (an ACL user, the
+password-less default user off) and, unless the caller's Settings carry strong ones, Flower
+credentials. They reach the processes by environment and a 0600 config file (never argv, so
+`ps` does not show them), are printed once in the `export` lines, and are kept in state.json,
+which is mode 0600 in a 0700 state dir.
+
     with start_stack(Path(".shelfsight/dev"), settings, worker=False) as stack:
         os.environ.update(stack.env)
 """
@@ -15,6 +21,7 @@ import contextlib
 import fcntl
 import json
 import os
+import secrets
 import shlex
 import subprocess
 import sys
@@ -41,12 +48,16 @@ from shelfsight.shared.dev.processes import (
     tail,
 )
 from shelfsight.shared.dev.services import free_port, redis_server_binary
+from shelfsight.shared.flower import WeakCredentials, check_basic_auth
 from shelfsight.shared.settings import Settings
 from shelfsight.shared.storage import S3ObjectStore
 
 log = structlog.get_logger()
 
 STATE_FILE = "state.json"
+REDIS_CONF = "redis.conf"
+REDIS_USER = "shelfsight"
+FLOWER_USER = "admin"
 S3_KEY = "test"  # moto accepts any credentials; these are the conventional dummy ones
 SERVICE_TIMEOUT_S = 30.0
 WORKER_TIMEOUT_S = 180.0
@@ -74,10 +85,9 @@ class DevStack:
 
     def client_settings(self, base: Settings) -> Settings:
         """`base` pointed at this stack's Redis and S3: what a client of the stack uses."""
-        redis_url = f"redis://127.0.0.1:{self.ports['redis']}"
         return base.model_copy(update={
-            "broker_url": f"{redis_url}/0",
-            "result_backend": f"{redis_url}/1",
+            "broker_url": self.env["SHELFSIGHT_BROKER_URL"],
+            "result_backend": self.env["SHELFSIGHT_RESULT_BACKEND"],
             "s3_endpoint_url": f"http://127.0.0.1:{self.ports['s3']}",
             "s3_access_key_id": SecretStr(S3_KEY),
             "s3_secret_access_key": SecretStr(S3_KEY),
@@ -99,6 +109,7 @@ class DevStack:
             raise DevStackError(f"dev stack in {self.state_dir}: {survivors} survived SIGKILL; "
                                 f"state.json is kept")
         self.state_path.unlink(missing_ok=True)
+        (self.state_dir / REDIS_CONF).unlink(missing_ok=True)
 
     def _reap(self) -> None:
         for popen in self._popens:
@@ -122,9 +133,17 @@ class DevStack:
             "env": self.env,
             "processes": {name: info.to_json() for name, info in self.processes.items()},
         }
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(payload, indent=2))
-        os.replace(tmp, self.state_path)
+        _write_private(self.state_path, json.dumps(payload, indent=2))
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read (it holds passwords), atomically (temp file + rename)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
 
 
 # --- starting one process of the stack -----------------------------------------------------------
@@ -161,10 +180,10 @@ def _wait(info: ProcessInfo, what: str, check: Callable[[], bool], timeout_s: fl
 # --- readiness checks ----------------------------------------------------------------------------
 
 
-def _redis_ping(port: int) -> bool:
+def _redis_ping(url: str) -> bool:
     import redis
 
-    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=1)
+    client = redis.Redis.from_url(url, socket_timeout=1)
     try:
         return bool(client.ping())
     finally:
@@ -200,15 +219,17 @@ def _http_status(url: str, auth: str | None = None) -> int:
 # --- the stack -----------------------------------------------------------------------------------
 
 
-def stack_env(redis_port: int, s3_port: int, bucket: str) -> dict[str, str]:
+def stack_env(redis_port: int, s3_port: int, bucket: str, redis_password: str) -> dict[str, str]:
     """The variables that point shelfsight (and the AWS CLI) at the dev stack."""
+    redis_url = f"redis://{REDIS_USER}:{redis_password}@127.0.0.1:{redis_port}"
     return {
-        "SHELFSIGHT_BROKER_URL": f"redis://127.0.0.1:{redis_port}/0",
-        "SHELFSIGHT_RESULT_BACKEND": f"redis://127.0.0.1:{redis_port}/1",
+        "SHELFSIGHT_BROKER_URL": f"{redis_url}/0",
+        "SHELFSIGHT_RESULT_BACKEND": f"{redis_url}/1",
         "SHELFSIGHT_S3_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}",
         "SHELFSIGHT_S3_ACCESS_KEY_ID": S3_KEY,
         "SHELFSIGHT_S3_SECRET_ACCESS_KEY": S3_KEY,
         "SHELFSIGHT_BUCKET": bucket,
+        "SHELFSIGHT_ALLOWED_IMAGE_SOURCES": json.dumps([f"s3://{bucket}/uploads/"]),
         "SHELFSIGHT_ALLOWED_IMAGE_BUCKETS": json.dumps([bucket]),
         "AWS_ACCESS_KEY_ID": S3_KEY,
         "AWS_SECRET_ACCESS_KEY": S3_KEY,
@@ -223,7 +244,8 @@ def export_lines(env: dict[str, str], ports: dict[str, int]) -> list[str]:
              f"s3 http://127.0.0.1:{ports.get('s3')}"]
     if "flower" in ports:
         lines.append(f"# flower: http://127.0.0.1:{ports['flower']}/ "
-                     "(basic auth: SHELFSIGHT_FLOWER_BASIC_AUTH, default admin:shelfsight)")
+                     "(basic auth: the user:password in SHELFSIGHT_FLOWER_BASIC_AUTH below)")
+    lines.append("# generated secrets: keep these lines to yourself (`shelfsight dev env` prints them again)")
     lines += [f"export {key}={shlex.quote(value)}" for key, value in env.items()]
     return lines
 
@@ -280,6 +302,7 @@ def start_stack(state_dir: Path, settings: Settings, *, worker: bool = True, tra
     """
     state_dir = Path(state_dir).resolve()
     (state_dir / "logs").mkdir(parents=True, exist_ok=True)
+    state_dir.chmod(0o700)  # state.json and redis.conf hold the generated passwords
     extra_env = dict(extra_env or {})
     with _lock(state_dir):
         _clear_stale(state_dir)
@@ -317,23 +340,29 @@ def _clear_stale(state_dir: Path) -> None:
 def _start_all(stack: DevStack, settings: Settings, extra_env: dict[str, str], *, worker: bool,
                trainer: bool, flower: bool, timeout_s: float) -> None:
     redis_port, s3_port = free_port(), free_port()
+    redis_password = secrets.token_urlsafe(24)
     stack.ports = {"redis": redis_port, "s3": s3_port}
-    stack.env = stack_env(redis_port, s3_port, stack.bucket)
+    stack.env = stack_env(redis_port, s3_port, stack.bucket, redis_password)
+    if flower:
+        stack.env["SHELFSIGHT_FLOWER_BASIC_AUTH"] = flower_credentials(settings)
     stack.env.update({k: v for k, v in extra_env.items() if k.startswith("SHELFSIGHT_")})
     child_env = {**_passthrough_env(), **stack.env, **extra_env}
 
+    conf = stack.state_dir / REDIS_CONF  # the password in a 0600 file, not on redis-server's argv
+    _write_private(conf, "user default off\n"
+                         f"user {REDIS_USER} on >{redis_password} ~* &* +@all\n")
     info = _launch(stack, "redis", [
-        redis_server_binary(), "--port", str(redis_port), "--bind", "127.0.0.1",
+        redis_server_binary(), str(conf), "--port", str(redis_port), "--bind", "127.0.0.1",
         "--save", "", "--appendonly", "no",
     ], child_env)
-    _wait(info, "answering PING", lambda: _redis_ping(redis_port), SERVICE_TIMEOUT_S)
+    broker = stack.env["SHELFSIGHT_BROKER_URL"]
+    _wait(info, "answering PING", lambda: _redis_ping(broker), SERVICE_TIMEOUT_S)
 
     info = _launch(stack, "s3", [sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
                                  "-p", str(s3_port)], child_env)
     _wait(info, "listening", lambda: port_open(s3_port), SERVICE_TIMEOUT_S)
     S3ObjectStore(stack.client_settings(settings)).ensure_bucket(stack.bucket)
 
-    broker = stack.env["SHELFSIGHT_BROKER_URL"]
     cli = [sys.executable, "-m", "shelfsight.shared.cli"]
     if worker:
         info = _launch(stack, "worker", [*cli, "worker"], child_env)
@@ -344,12 +373,19 @@ def _start_all(stack: DevStack, settings: Settings, extra_env: dict[str, str], *
     if flower:
         port = free_port()
         stack.ports["flower"] = port
-        flower_env = {**child_env,
-                      "SHELFSIGHT_FLOWER_BASIC_AUTH": settings.flower_basic_auth.get_secret_value(),
-                      **extra_env}
-        info = _launch(stack, "flower", [*cli, "flower", "--port", str(port)], flower_env)
+        info = _launch(stack, "flower", [*cli, "flower", "--port", str(port)], child_env)
         _wait(info, "serving HTTP",
               lambda: _http_status(f"http://127.0.0.1:{port}/healthcheck") == 200, SERVICE_TIMEOUT_S)
+
+
+def flower_credentials(settings: Settings) -> str:
+    """The caller's Flower credentials if they are strong, else a generated `admin:<random>`."""
+    given = settings.flower_basic_auth.get_secret_value()
+    try:
+        check_basic_auth(given)
+    except WeakCredentials:
+        return f"{FLOWER_USER}:{secrets.token_urlsafe(18)}"
+    return given
 
 
 def stop_stack(state_dir: Path, timeout_s: float = STOP_TIMEOUT_S) -> bool:
@@ -373,5 +409,6 @@ def stop_stack(state_dir: Path, timeout_s: float = STOP_TIMEOUT_S) -> bool:
                                 f"{survivors or 'none'} still running, ports {open_ports or 'none'} "
                                 "still open; state.json is kept so you can retry")
         (state_dir / STATE_FILE).unlink(missing_ok=True)
+        (state_dir / REDIS_CONF).unlink(missing_ok=True)
     log.info("devstack.down", state_dir=str(state_dir))
     return True

@@ -24,7 +24,7 @@ from shelfsight.shared.settings import Settings
 from shelfsight.shared.storage import S3ObjectStore
 
 REPO = Path(__file__).resolve().parents[2]
-AUTH = "dev:s3cret"
+AUTH = "dev:s3cret-dev-stack-password"  # Flower refuses passwords under 12 characters
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -57,7 +57,7 @@ def test_up_serves_redis_s3_flower_and_down_leaves_nothing(tmp_path: Path) -> No
 
         flower = f"http://127.0.0.1:{stack.ports['flower']}/"
         assert _http_status(flower) == 401
-        assert _http_status(flower, auth="dev:wrong") == 401
+        assert _http_status(flower, auth="dev:wrong-password-123") == 401
         assert _http_status(flower, auth=AUTH) == 200
 
         # a second stack in the same state dir is refused
