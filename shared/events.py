@@ -34,6 +34,15 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def _as_utc(value: datetime) -> datetime:
+    # A naive timestamp is taken as UTC: comparing it with an aware one would raise.
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+UtcDatetime = Annotated[datetime, AfterValidator(_as_utc)]
+"""A datetime normalised to UTC; a naive one is taken to be UTC already."""
+
+
 class UploadEvent(BaseModel):
     """Enqueued when a product image is uploaded."""
 
@@ -44,7 +53,7 @@ class UploadEvent(BaseModel):
     product_id: str = Field(pattern=_ID)
     category: str = Field(min_length=1, max_length=64)
     image: S3Uri = Field(description="s3://bucket/key of the product image")
-    submitted_at: datetime = Field(default_factory=utcnow)
+    submitted_at: UtcDatetime = Field(default_factory=utcnow)
 
 
 class AttributeResult(BaseModel):
@@ -76,7 +85,7 @@ class ResultRecord(BaseModel):
     event_id: str
     product_id: str
     category: str
-    submitted_at: datetime = Field(description="From the event; an older event never overwrites a newer result")
+    submitted_at: UtcDatetime = Field(description="From the event; an older event never overwrites a newer result")
     image: ImageInfo
     model: ModelInfo
     attributes: dict[str, AttributeResult]
@@ -94,10 +103,14 @@ ErrorCode = Literal[
     "malformed_event",
     "event_too_large",
     "unknown_category",
-    "bucket_not_allowed",
+    "bucket_not_allowed",  # before image sources had prefixes; kept so old records still parse
+    "image_source_not_allowed",
+    "submitted_in_future",
     "object_missing",
     "image_too_large",
     "image_too_many_pixels",
+    "image_too_many_frames",
+    "image_format_not_allowed",
     "undecodable_image",
     "transient_exhausted",
     "internal_error",
@@ -129,7 +142,7 @@ class LabelRecord(BaseModel):
     category: str = Field(min_length=1, max_length=64)
     image: S3Uri
     attributes: dict[str, str] = Field(min_length=1)
-    labeled_at: datetime = Field(default_factory=utcnow)
+    labeled_at: UtcDatetime = Field(default_factory=utcnow)
 
 
 def result_key(results_prefix: str, category: str, product_id: str) -> str:
