@@ -9,8 +9,8 @@ import pytest
 import redis
 
 from shelfsight.shared.cli import main
-from shelfsight.shared.settings import Settings
 from shelfsight.shared.producer_cli import MAX_NOTIFICATION_BYTES
+from shelfsight.shared.settings import Settings
 
 
 def _env(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> None:
@@ -50,3 +50,20 @@ def test_enqueue_from_s3_notification_file_with_size_limit(
     path.write_text(" " * (MAX_NOTIFICATION_BYTES + 1))
     assert main(["enqueue", "--s3-notification", str(path)]) == 2
     assert "exceeds" in capsys.readouterr().err
+
+
+def test_enqueue_json_prints_the_event_ids_it_queued(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
+    _env(monkeypatch, settings)
+    assert main(["enqueue", "--product-id", "sku-7", "--category", "tops", "--image", "s3://uploads/tops/sku-7.jpg",
+                 "--event-id", "evt-7", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"event_ids": ["evt-7"]}
+    record = {"eventName": "ObjectCreated:Put",
+              "s3": {"bucket": {"name": "uploads"}, "object": {"key": "tops/sku-1.jpg", "sequencer": "01"}}}
+    second = {**record, "s3": {**record["s3"], "object": {"key": "pans/p-2.jpg", "sequencer": "02"}}}
+    path = tmp_path / "n.json"
+    path.write_text(json.dumps({"Records": [record, second]}))
+    assert main(["enqueue", "--s3-notification", str(path), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)["event_ids"]
+    assert len(set(printed)) == 2 and {m["headers"]["id"] for m in _queued(settings)} == {"evt-7", *printed}

@@ -28,7 +28,11 @@ def test_models_cli_list_show_promote_rollback(settings: Settings, store: S3Obje
     assert _run(settings, "models", "promote", "pans", "v2", "--reason", "looks good") == 0
     assert [json.loads(pubsub.get_message(timeout=5)["data"])["version"] for _ in range(2)] == ["v1", "v2"]
     capsys.readouterr()
-    assert _run(settings, "models", "list", "--json") == 0
+    assert _run(settings, "models", "list") == 0  # a table for people
+    header, *rows = capsys.readouterr().out.strip().splitlines()
+    assert header.split() == ["category", "serving", "versions", "test", "macro-F1", "reason"]
+    assert [row.split() for row in rows] == [["pans", "v2", "2", "0.9000", "looks", "good"]]
+    assert _run(settings, "models", "list", "--json") == 0  # a JSON list for programs
     [row] = json.loads(capsys.readouterr().out)
     assert row["category"] == "pans" and row["current"] == "v2" and row["test_macro_f1"] == 0.9
     assert row["versions"] == 2 and row["reason"] == "looks good"
