@@ -98,7 +98,7 @@ def test_failed_start_tears_down_what_it_started(tmp_path: Path, monkeypatch: py
 
     real_launch = devstack._launch
 
-    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def spy(*args, **kwargs):
         info = real_launch(*args, **kwargs)
         started.append(info.pgid)
         return info

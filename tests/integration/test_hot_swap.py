@@ -8,12 +8,12 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from shelfsight.shared.enqueue import enqueue_upload
 from shelfsight.shared.settings import Settings
 from shelfsight.shared.storage import S3ObjectStore
 from shelfsight.shared.streams import announce_model
-from tests.helpers import extraction_worker, jpeg_bytes, publish_tiny_version, wait_for
 from shelfsight.worker.runtime import runtime_of
-from shelfsight.shared.enqueue import enqueue_upload
+from tests.helpers import extraction_worker, jpeg_bytes, publish_tiny_version, wait_for
 
 
 def publish_version(settings: Settings, store: S3ObjectStore, category: str, seed: int,

@@ -8,12 +8,12 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from shelfsight.shared.celery_app import EXTRACT_TASK
+from shelfsight.shared.enqueue import enqueue_event, enqueue_upload
 from shelfsight.shared.events import ResultRecord, UploadEvent
 from shelfsight.shared.settings import Settings
 from shelfsight.shared.storage import S3ObjectStore
 from tests.helpers import extraction_worker, jpeg_bytes, wait_for
-from shelfsight.shared.celery_app import EXTRACT_TASK
-from shelfsight.shared.enqueue import enqueue_event, enqueue_upload
 
 
 @pytest.fixture

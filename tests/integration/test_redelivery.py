@@ -10,11 +10,11 @@ from pathlib import Path
 
 import redis
 
+from shelfsight.shared.celery_app import create_celery_app
+from shelfsight.shared.enqueue import enqueue_upload
 from shelfsight.shared.settings import Settings
 from shelfsight.shared.storage import S3ObjectStore
 from tests.helpers import jpeg_bytes, wait_for
-from shelfsight.shared.celery_app import create_celery_app
-from shelfsight.shared.enqueue import enqueue_upload
 
 ROOT = Path(__file__).resolve().parents[2]
 

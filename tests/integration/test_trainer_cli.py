@@ -6,19 +6,18 @@ import json
 from pathlib import Path
 
 import pytest
+import redis
 from celery.contrib.testing.worker import start_worker
 
+from shelfsight.shared.dev.samples import generate_products, upload_products
 from shelfsight.shared.logs import configure_logging
 from shelfsight.shared.registry import ModelRegistry
-from shelfsight.shared.dev.samples import generate_products, upload_products
 from shelfsight.shared.settings import Settings
 from shelfsight.shared.storage import S3ObjectStore
-from tests.helpers import run_cli
-import redis
-
 from shelfsight.shared.training_jobs import training_lock_holder
-from shelfsight.trainer.labels import load_category_labels
 from shelfsight.trainer.app import create_trainer_app
+from shelfsight.trainer.labels import load_category_labels
+from tests.helpers import run_cli
 
 
 @pytest.fixture(autouse=True)

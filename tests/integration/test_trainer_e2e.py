@@ -9,17 +9,17 @@ import pytest
 import redis
 from safetensors.torch import load as load_safetensors
 
+from shelfsight.shared import training_jobs
+from shelfsight.shared.celery_app import IMPORT_LABELS_TASK, TRAIN_TASK
+from shelfsight.shared.dev.samples import generate_products, upload_products
 from shelfsight.shared.model_factory import create_clip
 from shelfsight.shared.registry import ModelRegistry
-from shelfsight.shared.dev.samples import generate_products, upload_products
 from shelfsight.shared.settings import Settings
 from shelfsight.shared.storage import S3ObjectStore
 from shelfsight.trainer import service
-from shelfsight.shared.celery_app import IMPORT_LABELS_TASK, TRAIN_TASK
-from shelfsight.shared import training_jobs
 
 
-def _app(settings: Settings):  # noqa: ANN202
+def _app(settings: Settings):
     from shelfsight.trainer.app import create_trainer_app
 
     app = create_trainer_app(settings)

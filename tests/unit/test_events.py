@@ -6,10 +6,16 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from pydantic import ValidationError
 
-from shelfsight.shared.events import LabelRecord, UploadEvent, dead_letter_key, parse_s3_uri, result_key
+from shelfsight.shared.enqueue import NotificationError, events_from_s3_notification
+from shelfsight.shared.events import (
+    LabelRecord,
+    UploadEvent,
+    dead_letter_key,
+    parse_s3_uri,
+    result_key,
+)
 from shelfsight.shared.settings import Settings
 from shelfsight.shared.taxonomy import load_taxonomy
-from shelfsight.shared.enqueue import NotificationError, events_from_s3_notification
 
 
 def test_upload_event_validates_and_defaults() -> None:

@@ -12,9 +12,9 @@ from shelfsight.shared.settings import Settings
 from shelfsight.shared.storage import InMemoryObjectStore, TransientStorageError
 from shelfsight.shared.streams import InMemoryPublisher
 from shelfsight.shared.taxonomy import load_taxonomy
-from tests.helpers import jpeg_bytes, png_bytes
 from shelfsight.worker.extractor import ExtractionService
 from shelfsight.worker.model_cache import ModelCache
+from tests.helpers import jpeg_bytes, png_bytes
 
 BUCKET = "shelfsight"
 

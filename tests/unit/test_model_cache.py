@@ -10,8 +10,8 @@ from shelfsight.shared.registry import ModelRegistry
 from shelfsight.shared.settings import Settings
 from shelfsight.shared.storage import InMemoryObjectStore
 from shelfsight.shared.taxonomy import load_taxonomy
-from tests.helpers import publish_tiny_version
 from shelfsight.worker.model_cache import ModelCache, module_bytes
+from tests.helpers import publish_tiny_version
 
 
 @pytest.fixture

@@ -9,7 +9,12 @@ import pytest
 
 from shelfsight.shared.clip_math import IGNORE
 from shelfsight.shared.events import LabelRecord
-from shelfsight.trainer.dataset import BalancedBatchSampler, assign_splits, balanced_weights, target_indices
+from shelfsight.trainer.dataset import (
+    BalancedBatchSampler,
+    assign_splits,
+    balanced_weights,
+    target_indices,
+)
 
 
 def _records(n: int, start: int = 0) -> list[LabelRecord]:
