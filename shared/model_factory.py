@@ -177,7 +177,7 @@ def _read_weights(
                 raise WeightsError(f"{source}: an object store is needed to read s3:// weights")
             try:
                 data = store.get(bucket, key).body
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 raise WeightsError(f"cannot fetch weights {source}: {exc}") from exc
         case LocalFile(path):
             if not path.is_file():

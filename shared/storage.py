@@ -130,7 +130,7 @@ class S3ObjectStore:
             return StoredObject(body=data, etag=str(resp.get("ETag", "")).strip('"'))
         except StorageError:
             raise
-        except Exception as exc:  # noqa: BLE001 - translated into our small error vocabulary
+        except Exception as exc:  # translated into our small error vocabulary
             raise _translate(exc, bucket, key) from exc
 
     def put(
@@ -148,14 +148,14 @@ class S3ObjectStore:
                 Bucket=bucket, Key=key, Body=body, ContentType=content_type, **conditions
             )
             return str(resp.get("ETag", "")).strip('"')
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise _translate(exc, bucket, key) from exc
 
     def exists(self, bucket: str, key: str) -> bool:
         try:
             self._client.head_object(Bucket=bucket, Key=key)
             return True
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             err = _translate(exc, bucket, key)
             if isinstance(err, ObjectMissing):
                 return False
@@ -167,14 +167,14 @@ class S3ObjectStore:
             paginator = self._client.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
                 keys.extend(obj["Key"] for obj in page.get("Contents", []))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise _translate(exc, bucket, prefix) from exc
         return sorted(keys)
 
     def delete(self, bucket: str, key: str) -> None:
         try:
             self._client.delete_object(Bucket=bucket, Key=key)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise _translate(exc, bucket, key) from exc
 
     def ensure_bucket(self, bucket: str) -> None:

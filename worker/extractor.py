@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
+from shelfsight.shared.errors import Rejected
 from shelfsight.shared.events import (
     AttributeResult,
     ErrorCode,
@@ -30,7 +31,6 @@ from shelfsight.shared.events import (
     parse_s3_uri,
     result_key,
 )
-from shelfsight.shared.errors import Rejected
 from shelfsight.shared.imaging import decode_image
 from shelfsight.shared.model_factory import WeightsError
 from shelfsight.shared.settings import Settings
@@ -136,7 +136,7 @@ class ExtractionService:
             return self._dead_letter(
                 raw, event, "transient_exhausted", f"gave up after {attempt} attempts: {exc}", attempt
             )
-        except Exception as exc:  # noqa: BLE001 - a bug must still end as a dead letter
+        except Exception as exc:  # a bug must still end as a dead letter
             log.exception("event.internal_error")
             return self._dead_letter(raw, event, "internal_error", f"{type(exc).__name__}: {exc}", attempt)
         finally:
@@ -214,7 +214,7 @@ class ExtractionService:
             try:
                 with Image.open(io.BytesIO(data)) as header:  # header only: no pixels decoded
                     width, height = header.size
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 raise Rejected("undecodable_image", f"cannot read JPEG header: {exc}") from exc
             if width * height > self.settings.max_image_pixels:
                 raise Rejected("image_too_many_pixels",
@@ -230,7 +230,8 @@ class ExtractionService:
         """Pixels of an image that was passed on as JPEG bytes, decoded with PIL (the fallback)."""
         if prepared.pixels is not None:
             return prepared.pixels
-        assert prepared.jpeg is not None
+        if prepared.jpeg is None:  # a Prepared carries pixels or JPEG bytes, never neither
+            raise ValueError("prepared image has neither pixels nor JPEG bytes")
         image = decode_image(prepared.jpeg, max_bytes=self.settings.max_image_bytes,
                              max_pixels=self.settings.max_image_pixels, draft_size=model.image_size)
         return model.preprocess(image)
