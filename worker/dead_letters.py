@@ -13,19 +13,31 @@ from shelfsight.shared.events import DeadLetter, ErrorCode, UploadEvent, dead_le
 from shelfsight.shared.settings import Settings
 from shelfsight.shared.storage import ObjectStore
 from shelfsight.shared.streams import EventPublisher
+from shelfsight.shared.taxonomy import load_taxonomy
 from shelfsight.worker import metrics
 
 log = structlog.get_logger()
 
 
+UNKNOWN_CATEGORY_LABEL = "unknown"
+MALFORMED_FOLDER = "malformed"
+
+
 class DeadLetterWriter:
-    """Writes `dead-letters/<day>/<event_id>.json` and an entry on the dead-letter stream."""
+    """Writes `dead-letters/<day>/<event_id>.json` and an entry on the dead-letter stream.
+
+    A payload that is not a valid event is written to `dead-letters/<day>/malformed/<sha256>.json`
+    (named by its own content, not by the event_id it claims), so it can never overwrite the
+    record of a real event. Metrics label categories outside the taxonomy as `unknown`, so a
+    producer cannot grow the number of series.
+    """
 
     def __init__(self, settings: Settings, store: ObjectStore, publisher: EventPublisher) -> None:
         self.settings = settings
         self.store = store
         self.publisher = publisher
         self.worker_name = socket.gethostname()
+        self.categories = frozenset(load_taxonomy(settings.taxonomy_path).categories)
 
     def record(
         self, raw: Any, event: UploadEvent | None, code: ErrorCode, message: str, attempt: int
@@ -42,16 +54,32 @@ class DeadLetterWriter:
             event=_truncate(raw, self.settings.max_event_bytes),
             worker=self.worker_name,
         )
-        key = dead_letter_key(self.settings.dead_letter_prefix, letter.failed_at, event_id)
+        name = event.event_id if event else f"{MALFORMED_FOLDER}/{payload_digest(raw)}"
+        key = dead_letter_key(self.settings.dead_letter_prefix, letter.failed_at, name)
         self.store.put(self.settings.bucket, key, letter.model_dump_json(indent=2).encode())
         self.publisher.publish(self.settings.dead_letter_stream, {
             "event_id": event_id, "error_code": code, "message": message[:1000],
             "record": f"s3://{self.settings.bucket}/{key}", "attempts": str(attempt),
         })
         metrics.DEAD_LETTERS.labels(code=code).inc()
-        metrics.EVENTS.labels(outcome="dead_letter", category=letter.category or "?").inc()
+        metrics.EVENTS.labels(outcome="dead_letter", category=self.category_label(letter.category)).inc()
         log.warning("event.dead_lettered", error_code=code, reason=message, record=key)
         return key
+
+
+    def category_label(self, category: str | None) -> str:
+        """A metric label: the category if the taxonomy knows it, else `unknown` (bounded)."""
+        return category if category is not None and category in self.categories else UNKNOWN_CATEGORY_LABEL
+
+
+def payload_digest(raw: Any) -> str:
+    """sha256 of a payload as received (hex): names a malformed payload's dead-letter record."""
+    if isinstance(raw, bytes):
+        data = raw
+    else:
+        text = raw if isinstance(raw, str) else json.dumps(raw, default=str, sort_keys=True)
+        data = str(text).encode("utf-8", "surrogatepass")
+    return hashlib.sha256(data).hexdigest()
 
 
 def payload_id(raw: Any) -> str:
