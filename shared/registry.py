@@ -44,6 +44,10 @@ class Manifest(BaseModel):
     parent_version: str | None = None
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     training: dict[str, Any] = Field(default_factory=dict)
+    signature: str | None = Field(
+        None, description="hmac-sha256:<hex> over the rest of the manifest (shared/model_signing.py); "
+        "set by the trainer when SHELFSIGHT_MODEL_SIGNING_KEY is, required by workers then"
+    )
 
 
 class Pointer(BaseModel):
