@@ -14,6 +14,10 @@ STAGE_SECONDS = Histogram(
 )
 MODEL_LOAD_SECONDS = Histogram("shelfsight_model_load_seconds", "Seconds to load a category model")
 MODEL_LOAD_FAILURES = Counter("shelfsight_model_load_failures_total", "Failed model loads", ["category"])
+MODEL_SIGNATURE_FAILURES = Counter(
+    "shelfsight_model_signature_failures_total",
+    "Model manifests refused for a missing or wrong signature (alert on any increase)", ["category"],
+)
 MODEL_SWAPS = Counter("shelfsight_model_swaps_total", "Hot swaps to a new version", ["category"])
 RESIDENT_MODELS = Gauge("shelfsight_resident_models", "Category models resident in memory")
 RESIDENT_BYTES = Gauge("shelfsight_resident_model_bytes", "Bytes of resident category models")

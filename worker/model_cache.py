@@ -26,7 +26,8 @@ import torch
 
 from shelfsight.shared import clip_math
 from shelfsight.shared.model_factory import ClipBundle, create_clip
-from shelfsight.shared.registry import Manifest, ModelRegistry, Pointer
+from shelfsight.shared.model_signing import ManifestSignatureError, load_trusted_manifest
+from shelfsight.shared.registry import ModelRegistry, Pointer
 from shelfsight.shared.settings import Settings
 from shelfsight.shared.storage import ObjectStore
 from shelfsight.shared.taxonomy import Taxonomy
@@ -174,7 +175,11 @@ class ModelCache:
                                self.taxonomy.version, None, shared_tower=True)
 
     def _fine_tuned(self, category: str, pointer: Pointer) -> CategoryModel:
-        manifest: Manifest = self.registry.manifest(category, pointer.version)
+        # signature (when a key is set), path, taxonomy and architecture checks: before any weights load
+        manifest, notes = load_trusted_manifest(self.registry, category, pointer.version,
+                                                taxonomy=self.taxonomy, settings=self.settings)
+        for note in notes:
+            log.warning("model.manifest_note", category=category, version=pointer.version, note=note)
         bundle = self._compiled(create_clip(
             manifest.architecture, self.registry.weights_uri(category, pointer.version),
             device=self.settings.device, precision=self.settings.precision, store=self.store,
@@ -204,6 +209,10 @@ class ModelCache:
                 seconds = time.perf_counter() - started
             except Exception as exc:
                 metrics.MODEL_LOAD_FAILURES.labels(category=category).inc()
+                if isinstance(exc, ManifestSignatureError):  # someone wrote the registry without the key
+                    metrics.MODEL_SIGNATURE_FAILURES.labels(category=category).inc()
+                    log.critical("model.signature_refused", category=category, error=str(exc),
+                                 keeping=active.version if active else None)
                 if active is None:
                     raise
                 log.error("model.load_failed", category=category, keeping=active.version,

@@ -104,3 +104,67 @@ def test_load_trusted_manifest_reads_raw_bytes_and_applies_both(taxonomy: Taxono
     store.put("shelfsight", "models/pans/v3/manifest.json", b"[1, 2]")
     with pytest.raises(ManifestRefused, match="not a JSON object"):
         load_trusted_manifest(registry, "pans", "v3", taxonomy=taxonomy, settings=unsigned_ok)
+
+
+def _publish(settings: Settings, store: InMemoryObjectStore, taxonomy: Taxonomy, seed: int,
+             key: SecretStr | str | None, **changes: object) -> str:
+    """Upload a distinct tiny checkpoint as a new version (signed with `key`, if any) and promote it."""
+    import torch
+    from safetensors.torch import save as save_safetensors
+
+    from shelfsight.shared.model_factory import create_clip, sha256_bytes
+    from shelfsight.shared.registry import new_version
+
+    state = {k: v.detach().clone().contiguous() for k, v in create_clip(ARCH, "none").model.state_dict().items()}
+    state["visual.proj"] += torch.randn(state["visual.proj"].shape, generator=torch.Generator().manual_seed(seed))
+    weights = save_safetensors(state)
+    version = new_version()
+    manifest = _manifest(taxonomy, version=version, weights_sha256=sha256_bytes(weights),
+                         weights_bytes=len(weights), **changes)
+    registry = ModelRegistry(store, settings.bucket, settings.models_prefix)
+    registry.upload_version(sign_manifest(manifest, key) if key else manifest, weights)
+    registry.promote("pans", version, reason="test")
+    return version
+
+
+def test_worker_refuses_a_mis_signed_manifest_and_keeps_serving_the_previous_version(taxonomy: Taxonomy) -> None:
+    from prometheus_client import REGISTRY
+
+    from shelfsight.worker.model_cache import ModelCache
+
+    settings = Settings(model_arch=ARCH, model_weights="none", device="cpu", model_signing_key=KEY)
+    store = InMemoryObjectStore()
+    cache = ModelCache(settings, taxonomy, store, ModelRegistry(store, settings.bucket))
+
+    def failures() -> float:
+        return REGISTRY.get_sample_value("shelfsight_model_signature_failures_total", {"category": "pans"}) or 0.0
+
+    good = _publish(settings, store, taxonomy, seed=1, key=KEY)
+    assert cache.get("pans").version == good
+    before = failures()
+
+    forged = _publish(settings, store, taxonomy, seed=2, key="an-attacker-key-without-ours")
+    assert cache.refresh("pans") is False
+    assert cache.get("pans").version == good and failures() == before + 1
+
+    unsigned = _publish(settings, store, taxonomy, seed=3, key=None)
+    assert cache.refresh("pans") is False
+    assert cache.get("pans").version == good and failures() == before + 2
+
+    hub = _publish(settings, store, taxonomy, seed=4, key=KEY, architecture="hf-hub:attacker/model")
+    assert cache.refresh("pans") is False and cache.get("pans").version == good  # signed, still refused
+    assert failures() == before + 2  # not a signature failure: a manifest check
+
+    fixed = _publish(settings, store, taxonomy, seed=5, key=KEY)
+    assert cache.refresh("pans") is True and cache.get("pans").version == fixed
+    assert len({good, forged, unsigned, hub, fixed}) == 5
+
+
+def test_a_fresh_worker_with_only_a_forged_model_serves_nothing_rather_than_it(taxonomy: Taxonomy) -> None:
+    from shelfsight.worker.model_cache import ModelCache
+
+    settings = Settings(model_arch=ARCH, model_weights="none", device="cpu", model_signing_key=KEY)
+    store = InMemoryObjectStore()
+    _publish(settings, store, taxonomy, seed=6, key="an-attacker-key-without-ours")
+    with pytest.raises(ManifestSignatureError):  # a WeightsError: the extractor retries, then dead-letters
+        ModelCache(settings, taxonomy, store, ModelRegistry(store, settings.bucket)).get("pans")
