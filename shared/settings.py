@@ -68,7 +68,7 @@ class Settings(BaseSettings):
         "service's own models/results/dead-letters/labels prefixes are never read as images.",
     )
     allowed_image_buckets: list[str] = Field(
-        default_factory=lambda: ["shelfsight"],
+        default_factory=list,
         description="Deprecated: whole buckets images may be read from, each taken as s3://<bucket>/; "
         "used only when allowed_image_sources is empty. Prefer allowed_image_sources.",
     )
@@ -91,6 +91,12 @@ class Settings(BaseSettings):
         40_000_000, description="Images with more pixels than this (decompression bombs) are dead-lettered."
     )
     max_event_bytes: int = Field(16_384, description="Events larger than this are dead-lettered.")
+    max_future_skew_s: float = Field(
+        300.0,
+        description="An event whose submitted_at is more than this many seconds ahead of the worker's "
+        "clock is dead-lettered (submitted_in_future): it would make its product's result impossible "
+        "to update. Negative disables the check.",
+    )
     max_image_frames: int = Field(
         100, description="Animated images with more frames than this are dead-lettered; so are those "
         "whose frames × width × height exceeds max_image_pixels."

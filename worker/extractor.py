@@ -7,17 +7,15 @@ threads; the model runs in the micro-batcher. Every path ends in `_finish_result
 
 from __future__ import annotations
 
-import io
 import json
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
 import torch
-from PIL import Image
 from pydantic import ValidationError
 
 from shelfsight.shared.errors import Rejected
@@ -28,10 +26,10 @@ from shelfsight.shared.events import (
     ModelInfo,
     ResultRecord,
     UploadEvent,
-    parse_s3_uri,
     result_key,
 )
-from shelfsight.shared.imaging import decode_image
+from shelfsight.shared.image_sources import ImageSourcePolicy, ImageSourceRefused
+from shelfsight.shared.imaging import decode_image, open_header
 from shelfsight.shared.model_factory import WeightsError
 from shelfsight.shared.settings import Settings
 from shelfsight.shared.storage import (
@@ -103,6 +101,7 @@ class ExtractionService:
         self.publisher = publisher
         self.models = models
         self.dead_letters = DeadLetterWriter(settings, store, publisher)
+        self.sources = ImageSourcePolicy.from_settings(settings)
         self._lane_local = threading.local()
         self.batcher = MicroBatcher(
             self._run_batch, settings.batch_size, settings.batch_max_wait_ms / 1000, lanes=lanes
@@ -167,12 +166,15 @@ class ExtractionService:
             self.taxonomy.category(event.category)
         except KeyError as exc:
             raise Rejected("unknown_category", str(exc.args[0])) from exc
-        bucket, key = parse_s3_uri(event.image)
-        if bucket not in self.settings.allowed_image_buckets:
-            raise Rejected(
-                "bucket_not_allowed",
-                f"bucket {bucket!r} is not in SHELFSIGHT_ALLOWED_IMAGE_BUCKETS {self.settings.allowed_image_buckets}",
-            )
+        skew = self.settings.max_future_skew_s
+        if skew >= 0 and event.submitted_at > datetime.now(UTC) + timedelta(seconds=skew):
+            # it would make the product's result impossible to update (older never overwrites newer)
+            raise Rejected("submitted_in_future", f"submitted_at {event.submitted_at.isoformat()} is more than "
+                           f"{skew:g}s ahead of this worker's clock (SHELFSIGHT_MAX_FUTURE_SKEW_S)")
+        try:  # before any S3 request: a refusal says nothing about what exists
+            bucket, key = self.sources.check(event.image)
+        except ImageSourceRefused as exc:
+            raise Rejected("image_source_not_allowed", str(exc)) from exc
         try:
             model = self.models.get(event.category)
         except (WeightsError, StorageError) as exc:  # registry or weights unreachable: retry, then dead-letter
@@ -211,18 +213,14 @@ class ExtractionService:
     def prepare(self, data: bytes, model: CategoryModel) -> Prepared:
         """Check limits and decode; on CUDA, JPEGs go to nvJPEG in the batch instead."""
         if self._gpu_decode(model) and data[:3] == b"\xff\xd8\xff":
-            try:
-                with Image.open(io.BytesIO(data)) as header:  # header only: no pixels decoded
-                    width, height = header.size
-            except Exception as exc:
-                raise Rejected("undecodable_image", f"cannot read JPEG header: {exc}") from exc
-            if width * height > self.settings.max_image_pixels:
-                raise Rejected("image_too_many_pixels",
-                               f"image is {width}x{height}; the limit is {self.settings.max_image_pixels} pixels")
+            with open_header(data, max_bytes=self.settings.max_image_bytes,  # no pixels decoded
+                             max_pixels=self.settings.max_image_pixels,
+                             max_frames=self.settings.max_image_frames) as header:
+                width, height = header.size
             return Prepared(None, data, model.image_size, width, height)
         image = decode_image(
             data, max_bytes=self.settings.max_image_bytes, max_pixels=self.settings.max_image_pixels,
-            draft_size=model.image_size,
+            draft_size=model.image_size, max_frames=self.settings.max_image_frames,
         )
         return Prepared(model.preprocess(image), None, model.image_size, *image.size)
 
@@ -233,7 +231,8 @@ class ExtractionService:
         if prepared.jpeg is None:  # a Prepared carries pixels or JPEG bytes, never neither
             raise ValueError("prepared image has neither pixels nor JPEG bytes")
         image = decode_image(prepared.jpeg, max_bytes=self.settings.max_image_bytes,
-                             max_pixels=self.settings.max_image_pixels, draft_size=model.image_size)
+                             max_pixels=self.settings.max_image_pixels, draft_size=model.image_size,
+                             max_frames=self.settings.max_image_frames)
         return model.preprocess(image)
 
     def _gpu_decode(self, model: CategoryModel) -> bool:

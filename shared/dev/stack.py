@@ -92,7 +92,7 @@ class DevStack:
             "s3_access_key_id": SecretStr(S3_KEY),
             "s3_secret_access_key": SecretStr(S3_KEY),
             "bucket": self.bucket,
-            "allowed_image_buckets": [self.bucket],
+            "allowed_image_sources": [f"s3://{self.bucket}/"],
         })
 
     def export_lines(self) -> list[str]:
@@ -229,8 +229,9 @@ def stack_env(redis_port: int, s3_port: int, bucket: str, redis_password: str) -
         "SHELFSIGHT_S3_ACCESS_KEY_ID": S3_KEY,
         "SHELFSIGHT_S3_SECRET_ACCESS_KEY": S3_KEY,
         "SHELFSIGHT_BUCKET": bucket,
-        "SHELFSIGHT_ALLOWED_IMAGE_SOURCES": json.dumps([f"s3://{bucket}/uploads/"]),
-        "SHELFSIGHT_ALLOWED_IMAGE_BUCKETS": json.dumps([bucket]),
+        # the whole dev bucket (the demo keeps images in uploads/ and labeled/); the service's
+        # own prefixes in it are never read as images all the same
+        "SHELFSIGHT_ALLOWED_IMAGE_SOURCES": json.dumps([f"s3://{bucket}/"]),
         "AWS_ACCESS_KEY_ID": S3_KEY,
         "AWS_SECRET_ACCESS_KEY": S3_KEY,
         "AWS_DEFAULT_REGION": "us-east-1",

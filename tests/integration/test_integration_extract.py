@@ -60,7 +60,7 @@ def test_bad_inputs_dead_letter_and_worker_keeps_serving(running_worker, setting
     bad = {
         "malformed_event": {"product_id": "no-image", "category": "pans"},
         "unknown_category": {"product_id": "p1", "category": "shoes", "image": f"s3://{b}/uploads/pans/ok.jpg"},
-        "bucket_not_allowed": {"product_id": "p2", "category": "pans", "image": "s3://elsewhere/x.jpg"},
+        "image_source_not_allowed": {"product_id": "p2", "category": "pans", "image": "s3://elsewhere/x.jpg"},
         "object_missing": {"product_id": "p3", "category": "pans", "image": f"s3://{b}/uploads/pans/none.jpg"},
         "undecodable_image": {"product_id": "p4", "category": "pans", "image": f"s3://{b}/uploads/pans/broken.jpg"},
         "image_too_many_pixels": {"product_id": "p5", "category": "pans", "image": f"s3://{b}/uploads/pans/huge.jpg"},

@@ -33,7 +33,7 @@ def _worker_env(settings: Settings) -> dict[str, str]:
         "SHELFSIGHT_S3_ACCESS_KEY_ID": "test",
         "SHELFSIGHT_S3_SECRET_ACCESS_KEY": S3_SECRET,
         "SHELFSIGHT_BUCKET": settings.bucket,
-        "SHELFSIGHT_ALLOWED_IMAGE_BUCKETS": json.dumps([settings.bucket]),
+        "SHELFSIGHT_ALLOWED_IMAGE_SOURCES": json.dumps([f"s3://{settings.bucket}/uploads/"]),
         "SHELFSIGHT_MODEL_ARCH": settings.model_arch,
         "SHELFSIGHT_MODEL_WEIGHTS": settings.model_weights,
         "SHELFSIGHT_DEVICE": "cpu",

@@ -103,7 +103,7 @@ def test_older_event_never_overwrites_newer_result(any_write_mode: ExtractionSer
         ({"product_id": "sku-1"}, None, "malformed_event"),
         ("{not json", None, "malformed_event"),
         (_event(category="shoes"), None, "unknown_category"),
-        ({**_event(), "image": "s3://other-bucket/x.jpg"}, None, "bucket_not_allowed"),
+        ({**_event(), "image": "s3://other-bucket/x.jpg"}, None, "image_source_not_allowed"),
         (_event(key="uploads/missing.jpg"), None, "object_missing"),
         (_event(), b"this is not an image", "undecodable_image"),
         (_event(), jpeg_bytes()[:200], "undecodable_image"),
