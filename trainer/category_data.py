@@ -18,7 +18,8 @@ from datetime import UTC, datetime
 
 import structlog
 
-from shelfsight.shared.events import LabelRecord, parse_s3_uri
+from shelfsight.shared.events import LabelRecord
+from shelfsight.shared.image_sources import ImageSourcePolicy, ImageSourceRefused
 from shelfsight.shared.storage import ObjectMissing, ObjectTooLarge
 from shelfsight.shared.taxonomy import Taxonomy
 from shelfsight.trainer.dataset import (
@@ -171,9 +172,13 @@ def _fetch_images(
     `draft_size` is the model's input size: JPEGs decode at the same reduced scale as in the worker.
     """
     settings = resources.settings
+    sources = ImageSourcePolicy.from_settings(settings)
 
     def fetch(record: LabelRecord) -> EncodedImage | str:
-        bucket, key = parse_s3_uri(record.image)
+        try:  # labels stored before the allowlist (or under another one) are checked again here
+            bucket, key = sources.check(record.image)
+        except ImageSourceRefused as exc:
+            return f"{record.product_id}: {exc}"
         try:
             body = resources.store.get(bucket, key, max_bytes=settings.max_image_bytes).body
         except (ObjectMissing, ObjectTooLarge) as exc:

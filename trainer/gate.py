@@ -14,6 +14,7 @@ from typing import Any
 import structlog
 
 from shelfsight.shared.model_factory import ClipBundle, WeightsError, create_clip
+from shelfsight.shared.model_signing import load_trusted_manifest
 from shelfsight.shared.storage import ObjectMissing
 from shelfsight.trainer.category_data import TrainingData
 from shelfsight.trainer.dataset import LabeledImages
@@ -72,7 +73,8 @@ def evaluate_champion(
         return None, None, None
     settings = resources.settings
     try:
-        manifest = resources.registry.manifest(category, pointer.version)
+        manifest, _ = load_trusted_manifest(resources.registry, category, pointer.version,  # as a worker would
+                                            taxonomy=resources.taxonomy, settings=settings)
         bundle = create_clip(
             manifest.architecture, resources.registry.weights_uri(category, pointer.version),
             device=settings.device, precision="fp32", store=resources.store,

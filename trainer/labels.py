@@ -29,6 +29,7 @@ import structlog
 from pydantic import ValidationError
 
 from shelfsight.shared.events import LabelRecord, parse_s3_uri
+from shelfsight.shared.image_sources import ImageSourcePolicy, ImageSourceRefused
 from shelfsight.shared.storage import ObjectStore
 from shelfsight.shared.taxonomy import Taxonomy
 
@@ -79,8 +80,10 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def parse_line(raw: str | Mapping[str, Any], taxonomy: Taxonomy) -> LabelRecord:
-    """One label from a JSON line or dict, validated against the schema and the taxonomy.
+def parse_line(raw: str | Mapping[str, Any], taxonomy: Taxonomy,
+               sources: ImageSourcePolicy | None = None) -> LabelRecord:
+    """One label from a JSON line or dict, validated against the schema, the taxonomy and, if
+    given, the image allowlist (checked before any S3 request, so it reveals nothing).
 
     Raises ValueError with a reason a person can act on.
     """
@@ -101,6 +104,11 @@ def parse_line(raw: str | Mapping[str, Any], taxonomy: Taxonomy) -> LabelRecord:
         taxonomy.check_labels(record.category, record.attributes)
     except KeyError as exc:
         raise ValueError(str(exc.args[0])) from None
+    if sources is not None:
+        try:
+            sources.check(record.image)
+        except ImageSourceRefused as exc:
+            raise ValueError(str(exc)) from None
     return record
 
 
@@ -119,13 +127,14 @@ def validate_labels(
     source: bytes | str | Sequence[Mapping[str, Any]],
     taxonomy: Taxonomy,
     store: ObjectStore,
+    sources: ImageSourcePolicy | None = None,
 ) -> tuple[list[tuple[int, LabelRecord]], list[Rejection]]:
-    """Parse and validate every line, then check each image exists. Nothing is written."""
+    """Parse and validate every line, then check each allowed image exists. Nothing is written."""
     parsed: list[tuple[int, LabelRecord]] = []
     rejected: list[Rejection] = []
     for number, raw in _iter_lines(source):
         try:
-            parsed.append((number, parse_line(raw, taxonomy)))
+            parsed.append((number, parse_line(raw, taxonomy, sources)))
         except ValueError as exc:
             rejected.append(Rejection(number, str(exc)))
     uris = sorted({record.image for _, record in parsed})
@@ -164,6 +173,7 @@ def import_labels(
     labels_prefix: str,
     taxonomy: Taxonomy,
     max_bytes: int,
+    sources: ImageSourcePolicy | None = None,
 ) -> ImportResult:
     """Validate labels and append the good ones to the label log; report every rejected line.
 
@@ -172,6 +182,7 @@ def import_labels(
         store, bucket, labels_prefix: where the label log lives.
         taxonomy: the categories, attributes and values labels must use.
         max_bytes: a JSONL source larger than this is refused whole (LabelFileTooLarge).
+        sources: the image allowlist; a line whose image is outside it is rejected.
 
     Returns:
         ImportResult with accepted/rejected counts, rejections (line, reason), keys written.
@@ -183,7 +194,7 @@ def import_labels(
                 f"label file is {size} bytes; the limit is {max_bytes} "
                 "(SHELFSIGHT_MAX_LABEL_FILE_BYTES). Split it into smaller files."
             )
-    accepted, rejected = validate_labels(source, taxonomy, store)
+    accepted, rejected = validate_labels(source, taxonomy, store, sources)
     result = ImportResult(rejected=rejected)
     by_category: dict[str, list[LabelRecord]] = {}
     for _, record in accepted:

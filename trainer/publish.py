@@ -12,6 +12,7 @@ import structlog
 from safetensors.torch import save as save_safetensors
 
 from shelfsight.shared.model_factory import ClipBundle, sha256_bytes
+from shelfsight.shared.model_signing import sign_manifest
 from shelfsight.shared.registry import Manifest, Pointer, new_version
 from shelfsight.shared.streams import announce_model
 from shelfsight.trainer.category_data import TrainingData
@@ -50,6 +51,8 @@ def publish(
         labels_snapshot=snapshot, test_set_key=data.labels.test_set_key, parent_version=outcome.champion_version,
         training={**outcome.fit.summary(), "splits": data.sizes, "report": report_key(resources, category, version)},
     )
+    if settings.model_signing_key is not None and settings.model_signing_key.get_secret_value():
+        manifest = sign_manifest(manifest, settings.model_signing_key)  # last: it covers every field
     registry.upload_version(manifest, weights, extra_files=files)
     if outcome.promote:
         promote_and_announce(resources, category, version, outcome.reason)

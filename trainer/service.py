@@ -19,6 +19,7 @@ import structlog
 from celery import Celery
 
 from shelfsight.shared.events import parse_s3_uri
+from shelfsight.shared.image_sources import ImageSourcePolicy
 from shelfsight.shared.model_factory import ClipBundle, create_clip
 from shelfsight.shared.storage import ObjectTooLarge
 from shelfsight.shared.streams import announce_model
@@ -85,6 +86,7 @@ def import_and_trigger(
     result = import_labels(
         data, store=resources.store, bucket=settings.bucket, labels_prefix=settings.labels_prefix,
         taxonomy=resources.taxonomy, max_bytes=settings.max_label_file_bytes,
+        sources=ImageSourcePolicy.from_settings(settings),
     )
     summary = result.as_dict()
     summary["retrain"] = {}
