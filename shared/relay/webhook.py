@@ -26,6 +26,7 @@ class _Server(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     protocol_version = "HTTP/1.1"
+    timeout = 15  # seconds to send a request: a stalled client cannot hold a thread forever
     server_version = "shelfsight-relay"
     sys_version = ""
 
@@ -38,22 +39,24 @@ class _Handler(BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:  # MinIO probes the endpoint before it sends events
         self.send_response(200)
         self.send_header("Content-Length", "0")
+        self.send_header("Connection", "close")
+        self.close_connection = True
         self.end_headers()
 
     def do_POST(self) -> None:
         if not self._authorized():
             metrics.WEBHOOK_REJECTED.labels(reason="unauthorized").inc()
             self._reply(401, {"error": "missing or wrong bearer token"},
-                        {"WWW-Authenticate": 'Bearer realm="shelfsight-relay"'}, close=True)
+                        {"WWW-Authenticate": 'Bearer realm="shelfsight-relay"'})
             return
         length = self._content_length()
         if length is None:
             metrics.WEBHOOK_REJECTED.labels(reason="length_required").inc()
-            self._reply(411, {"error": "Content-Length required"}, close=True)
+            self._reply(411, {"error": "Content-Length required"})
             return
         if length > self.server.max_bytes:
             metrics.WEBHOOK_REJECTED.labels(reason="too_large").inc()
-            self._reply(413, {"error": f"body over {self.server.max_bytes} bytes"}, close=True)
+            self._reply(413, {"error": f"body over {self.server.max_bytes} bytes"})
             return
         body = self.rfile.read(length)
         try:
@@ -79,17 +82,18 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         return length if length >= 0 else None
 
-    def _reply(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None,
-               close: bool = False) -> None:
+    def _reply(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
         body = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         for name, value in (headers or {}).items():
             self.send_header(name, value)
-        if close:  # the unread body must not be taken for the next request
-            self.send_header("Connection", "close")
-            self.close_connection = True
+        # One request per connection: an idle keep-alive connection would hold shutdown (which
+        # waits for request threads) until its timeout, and an unread body must never be taken
+        # for the next request. Notifications are few; a reconnect costs nothing.
+        self.send_header("Connection", "close")
+        self.close_connection = True
         self.end_headers()
         self.wfile.write(body)
 
