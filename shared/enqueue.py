@@ -9,6 +9,7 @@ from typing import Any
 from urllib.parse import unquote_plus
 
 from celery import Celery
+
 from shelfsight.shared.celery_app import EXTRACT_TASK
 from shelfsight.shared.events import UploadEvent
 

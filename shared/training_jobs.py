@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import redis
 import structlog
 from celery import Celery
+
 from shelfsight.shared.celery_app import TRAIN_TASK, settings_of
 from shelfsight.shared.enqueue import ENQUEUED_AT_HEADER
 from shelfsight.shared.taxonomy import Taxonomy
