@@ -65,6 +65,11 @@ class MicroBatcher:
         """Submit and wait: the call a task thread makes."""
         return self.submit(category, payload).result(timeout=timeout)
 
+    def backlog(self) -> int:
+        """Images waiting for a batch (the shelfsight_batcher_backlog gauge)."""
+        with self._cond:
+            return sum(len(queue) for queue in self._queues.values())
+
     def close(self) -> None:
         """Finish what is queued, then stop the lanes."""
         with self._cond:

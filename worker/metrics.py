@@ -1,8 +1,18 @@
-"""Prometheus metrics of the extraction worker (scraped from settings.metrics_port on loopback)."""
+"""Prometheus metrics of the extraction worker (served on settings.metrics_address:metrics_port).
+
+Labels are bounded: categories and attributes come from the taxonomy, codes and stages from
+the code. The broker's queue gauges come from shelfsight.shared.observability.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 EVENTS = Counter("shelfsight_events_total", "Events finished, by outcome", ["outcome", "category"])
 DEAD_LETTERS = Counter("shelfsight_dead_letters_total", "Dead letters, by error code", ["code"])
@@ -21,9 +31,58 @@ MODEL_SIGNATURE_FAILURES = Counter(
 MODEL_SWAPS = Counter("shelfsight_model_swaps_total", "Hot swaps to a new version", ["category"])
 RESIDENT_MODELS = Gauge("shelfsight_resident_models", "Category models resident in memory")
 RESIDENT_BYTES = Gauge("shelfsight_resident_model_bytes", "Bytes of resident category models")
+BATCHER_BACKLOG = Gauge("shelfsight_batcher_backlog", "Images waiting in the micro-batcher for a model batch")
+CONFIDENCE = Histogram(
+    "shelfsight_attribute_confidence", "Confidence (top softmax score) of each extracted attribute",
+    ["category", "attribute"], buckets=(0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0),
+)
 
 
-def serve_metrics(port: int) -> None:
-    """Expose /metrics on 127.0.0.1:port (0 disables)."""
+def observe_confidences(category: str, confidences: dict[str, float]) -> None:
+    """One observation per attribute of a result (category checked against the taxonomy)."""
+    for attribute, confidence in confidences.items():
+        CONFIDENCE.labels(category=category, attribute=attribute).observe(confidence)
+
+
+class ServingModels(Collector):
+    """`shelfsight_model_info{category,version}` 1 for each model this worker serves now."""
+
+    def __init__(self) -> None:
+        self._versions: Callable[[], dict[str, str]] = dict
+
+    def watch(self, versions: Callable[[], dict[str, str]]) -> None:
+        self._versions = versions
+
+    def collect(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily("shelfsight_model_info", "Model version each category is served with "
+                                 "by this worker (value 1)", labels=["category", "version"])
+        for category, version in sorted(self._versions().items()):
+            info.add_metric([category, version], 1)
+        yield info
+
+
+SERVING = ServingModels()
+REGISTRY.register(SERVING)
+
+
+def watch_service(service: Any) -> None:
+    """Point the backlog gauge and the model info at this process's ExtractionService (weakly)."""
+    ref = weakref.ref(service)
+
+    def backlog() -> float:
+        current = ref()
+        return float(current.batcher.backlog()) if current is not None else 0.0
+
+    def versions() -> dict[str, str]:
+        current = ref()
+        return current.models.active_versions() if current is not None else {}
+
+    BATCHER_BACKLOG.set_function(backlog)
+    SERVING.watch(versions)
+
+
+def serve_metrics(port: int, address: str = "127.0.0.1") -> None:
+    """Expose /metrics on address:port (0 disables). The worker itself uses
+    shelfsight.shared.observability.serve_metrics (settings' address, once per process)."""
     if port:
-        start_http_server(port, addr="127.0.0.1")
+        start_http_server(port, addr=address)

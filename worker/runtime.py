@@ -14,6 +14,7 @@ import structlog
 from celery import Celery
 
 from shelfsight.shared.model_factory import resolve_device
+from shelfsight.shared.observability import register_queue_metrics, serve_metrics
 from shelfsight.shared.registry import ModelRegistry
 from shelfsight.shared.settings import Settings
 from shelfsight.shared.storage import S3ObjectStore
@@ -83,7 +84,9 @@ class WorkerRuntime:
     def warm_up(self) -> None:
         """Build the service and the base model before the first event arrives; serve metrics."""
         self.service.models.base_bundle()
-        metrics.serve_metrics(self.settings.metrics_port)
+        metrics.watch_service(self.service)
+        register_queue_metrics(self.settings)
+        serve_metrics(self.settings)
 
     def shutdown(self) -> None:
         """Stop the model watcher and the batcher lanes (idempotent)."""
