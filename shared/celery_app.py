@@ -45,6 +45,9 @@ def create_celery_app(settings: Settings, *, tasks: Sequence[str] = ()) -> Celer
         # Prefetch: each thread holds one message at a time; batches form across threads.
         worker_prefetch_multiplier=1,
         worker_pool_start_method="spawn",  # only matters for prefork: CUDA cannot survive fork
+        # Soft shutdown: a stopping worker finishes and acks its in-flight batch, then requeues
+        # what is left at once (instead of after the Redis visibility timeout).
+        worker_soft_shutdown_timeout=settings.worker_soft_shutdown_timeout_s,
         task_queues=[Queue(settings.extract_queue), Queue(settings.training_queue)],
         task_default_queue=settings.extract_queue,
         task_routes={

@@ -149,6 +149,11 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(
         0, description="Worker threads; 0 means 2 × batch_size, so one batch fills while one runs."
     )
+    worker_soft_shutdown_timeout_s: float = Field(
+        30.0, description="Celery soft shutdown: on SIGQUIT (or SIGTERM with REMAP_SIGTERM=SIGQUIT, "
+        "as the image sets) a worker takes no new message, lets its in-flight batch finish and ack for "
+        "up to this long, then requeues the rest. Above one batch; below the stop grace period."
+    )
     decode_on_gpu: bool = Field(True, description="Decode JPEGs with nvJPEG when on CUDA.")
     max_retries: int = Field(4, description="Transient errors are retried this many times, then dead-lettered.")
     retry_backoff_s: float = Field(1.0, description="First retry delay; doubles each attempt.")
