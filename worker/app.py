@@ -19,5 +19,6 @@ WORKER_TASKS = ("shelfsight.worker.tasks",)
 def create_worker_app(settings: Settings) -> Celery:
     """The extraction worker's Celery app, with its runtime attached as `app.shelfsight_runtime`."""
     app = create_celery_app(settings, tasks=WORKER_TASKS)
+    app.conf.worker_consumer = "shelfsight.worker.consumer:Consumer"  # undecodable bodies are dead-lettered
     app.shelfsight_runtime = WorkerRuntime(settings)
     return app
