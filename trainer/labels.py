@@ -22,7 +22,7 @@ import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
@@ -81,9 +81,10 @@ def _describe(exc: ValidationError) -> str:
 
 
 def parse_line(raw: str | Mapping[str, Any], taxonomy: Taxonomy,
-               sources: ImageSourcePolicy | None = None) -> LabelRecord:
+               sources: ImageSourcePolicy | None = None, max_future_skew_s: float | None = None) -> LabelRecord:
     """One label from a JSON line or dict, validated against the schema, the taxonomy and, if
-    given, the image allowlist (checked before any S3 request, so it reveals nothing).
+    given, the image allowlist (checked before any S3 request, so it reveals nothing) and the
+    clock (a labeled_at far in the future would win over every later label of the product).
 
     Raises ValueError with a reason a person can act on.
     """
@@ -104,6 +105,9 @@ def parse_line(raw: str | Mapping[str, Any], taxonomy: Taxonomy,
         taxonomy.check_labels(record.category, record.attributes)
     except KeyError as exc:
         raise ValueError(str(exc.args[0])) from None
+    skew = max_future_skew_s
+    if skew is not None and skew >= 0 and record.labeled_at > datetime.now(UTC) + timedelta(seconds=skew):
+        raise ValueError(f"labeled_at {record.labeled_at.isoformat()} is in the future (SHELFSIGHT_MAX_FUTURE_SKEW_S)")
     if sources is not None:
         try:
             sources.check(record.image)
@@ -128,13 +132,14 @@ def validate_labels(
     taxonomy: Taxonomy,
     store: ObjectStore,
     sources: ImageSourcePolicy | None = None,
+    max_future_skew_s: float | None = None,
 ) -> tuple[list[tuple[int, LabelRecord]], list[Rejection]]:
     """Parse and validate every line, then check each allowed image exists. Nothing is written."""
     parsed: list[tuple[int, LabelRecord]] = []
     rejected: list[Rejection] = []
     for number, raw in _iter_lines(source):
         try:
-            parsed.append((number, parse_line(raw, taxonomy, sources)))
+            parsed.append((number, parse_line(raw, taxonomy, sources, max_future_skew_s)))
         except ValueError as exc:
             rejected.append(Rejection(number, str(exc)))
     uris = sorted({record.image for _, record in parsed})
@@ -174,6 +179,7 @@ def import_labels(
     taxonomy: Taxonomy,
     max_bytes: int,
     sources: ImageSourcePolicy | None = None,
+    max_future_skew_s: float | None = None,
 ) -> ImportResult:
     """Validate labels and append the good ones to the label log; report every rejected line.
 
@@ -183,6 +189,7 @@ def import_labels(
         taxonomy: the categories, attributes and values labels must use.
         max_bytes: a JSONL source larger than this is refused whole (LabelFileTooLarge).
         sources: the image allowlist; a line whose image is outside it is rejected.
+        max_future_skew_s: a line whose labeled_at is further ahead than this is rejected.
 
     Returns:
         ImportResult with accepted/rejected counts, rejections (line, reason), keys written.
@@ -194,7 +201,7 @@ def import_labels(
                 f"label file is {size} bytes; the limit is {max_bytes} "
                 "(SHELFSIGHT_MAX_LABEL_FILE_BYTES). Split it into smaller files."
             )
-    accepted, rejected = validate_labels(source, taxonomy, store, sources)
+    accepted, rejected = validate_labels(source, taxonomy, store, sources, max_future_skew_s)
     result = ImportResult(rejected=rejected)
     by_category: dict[str, list[LabelRecord]] = {}
     for _, record in accepted:

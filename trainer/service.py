@@ -86,7 +86,7 @@ def import_and_trigger(
     result = import_labels(
         data, store=resources.store, bucket=settings.bucket, labels_prefix=settings.labels_prefix,
         taxonomy=resources.taxonomy, max_bytes=settings.max_label_file_bytes,
-        sources=ImageSourcePolicy.from_settings(settings),
+        sources=ImageSourcePolicy.from_settings(settings), max_future_skew_s=settings.max_future_skew_s,
     )
     summary = result.as_dict()
     summary["retrain"] = {}
