@@ -97,6 +97,8 @@ def _field(raw: Any, name: str) -> str | None:
 
 
 def _truncate(raw: Any, limit: int) -> Any:
+    if isinstance(raw, bytes):  # kept as text (never deserialised): a record must be JSON
+        raw = raw.decode("utf-8", "backslashreplace")
     text = raw if isinstance(raw, str) else json.dumps(raw, default=str)
     if len(text) <= limit:
         return raw
