@@ -12,11 +12,15 @@ and its per-task INFO lines ("Task … received", "… succeeded in …") are de
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
 import re
 import sys
 import threading
 from collections.abc import Iterable, MutableMapping
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
@@ -181,7 +185,7 @@ def configure_logging(log_format: str = "console", level: str = "INFO", secrets:
         logger_factory=structlog.stdlib.LoggerFactory(),
         cache_logger_on_first_use=True,
     )
-    _keep_celery_off_logging()
+    _keep_celery_off_logging(json_lines=log_format == "json")
     _log_uncaught_exceptions()
 
 
@@ -189,12 +193,31 @@ def _celery_setup_logging(**_: Any) -> None:
     """Receiver of Celery's setup_logging signal: its presence tells Celery to leave logging alone."""
 
 
-def _keep_celery_off_logging() -> None:
+def _keep_celery_off_logging(json_lines: bool) -> None:
     # With a receiver connected, Celery adds no handler of its own (not even to its task logger)
     # and does not redirect stdout/stderr into a logger.
-    from celery.signals import setup_logging
+    from celery.signals import celeryd_init, setup_logging
 
     setup_logging.connect(_celery_setup_logging, weak=False, dispatch_uid="shelfsight.logs")
+    if json_lines:
+        celeryd_init.connect(_json_celery_says, weak=False, dispatch_uid="shelfsight.logs.say")
+    else:
+        celeryd_init.disconnect(dispatch_uid="shelfsight.logs.say")
+
+
+def _json_celery_says(**_: Any) -> None:
+    """In JSON mode, the few lines a Celery worker writes outside logging (from its signal
+    handlers: "worker: Warm shutdown (MainProcess)") become JSON lines too."""
+    import celery.apps.worker as celery_worker
+
+    def say(msg: str, f: Any = sys.__stderr__) -> None:
+        line = json.dumps({"event": "celery.worker_said", "message": redact_text(str(msg).strip()),
+                           "level": "warning", "logger": "celery.apps.worker",
+                           "timestamp": datetime.now(UTC).isoformat().replace("+00:00", "Z")})
+        with contextlib.suppress(OSError, AttributeError, ValueError):  # a plain write, as Celery's own
+            os.write(f.fileno(), (line + "\n").encode())
+
+    celery_worker.safe_say = say
 
 
 def _log_uncaught_exceptions() -> None:
