@@ -17,12 +17,16 @@ from shelfsight.shared.dev.services import free_port, redis_server_binary, wait_
 from shelfsight.shared.settings import Settings  # noqa: E402
 from shelfsight.shared.storage import S3ObjectStore  # noqa: E402
 
+# One Redis db per test that asks for `settings` (Redis's default of 16 ran out, and tests shared db 15).
+REDIS_DATABASES = 512
+
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     port = free_port()
     proc = subprocess.Popen(
-        [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--databases", str(REDIS_DATABASES)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -50,13 +54,13 @@ def s3_endpoint() -> Iterator[str]:
         server.stop()
 
 
-_db_counter = iter(range(2, 16))
+_db_counter = iter(range(2, REDIS_DATABASES))
 
 
 @pytest.fixture
 def settings(redis_url: str, s3_endpoint: str) -> Settings:
     """Settings for one test: its own bucket and Redis db, the tiny model, fast timings."""
-    db = next(_db_counter, 15)
+    db = next(_db_counter)  # its own db: no test sees another's queues, locks or leftovers
     bucket = f"test-{uuid.uuid4().hex[:12]}"
     s = Settings(
         broker_url=f"{redis_url}/{db}",
