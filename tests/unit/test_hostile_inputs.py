@@ -399,3 +399,20 @@ def test_hostile_label_line(settings: Settings, label_store: InMemoryObjectStore
 
 def test_the_suite_is_at_least_forty_cases() -> None:
     assert len(IMAGE_CASES) + len(EVENT_CASES) + len(LABEL_CASES) >= 40
+
+
+def test_the_nvjpeg_path_applies_the_same_header_checks(service: ExtractionService,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA, JPEGs skip PIL decoding and go to nvJPEG; the header checks still run first."""
+    from shelfsight.shared.errors import Rejected
+
+    monkeypatch.setattr(service, "_gpu_decode", lambda model: True)
+    model = service.models.get("pans")
+    prepared = service.prepare(_jpeg(), model)
+    assert prepared.pixels is None and prepared.jpeg is not None and (prepared.width, prepared.height) == (96, 80)
+    with pytest.raises(Rejected) as caught:
+        service.prepare(_jpeg_claiming(65_000, 65_000), model)
+    assert caught.value.code == "image_too_many_pixels"
+    with pytest.raises(Rejected) as caught:
+        service.prepare(b"\xff\xd8\xff" + b"\x00" * 64, model)
+    assert caught.value.code == "undecodable_image"
