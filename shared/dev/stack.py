@@ -344,8 +344,8 @@ def _start_all(stack: DevStack, settings: Settings, extra_env: dict[str, str], *
     redis_password = secrets.token_urlsafe(24)
     stack.ports = {"redis": redis_port, "s3": s3_port}
     stack.env = stack_env(redis_port, s3_port, stack.bucket, redis_password)
-    if flower:
-        stack.env["SHELFSIGHT_FLOWER_BASIC_AUTH"] = flower_credentials(settings)
+    # generated even with flower=False: `dev up --no-flower` + `honcho start` runs Flower from the exports
+    stack.env["SHELFSIGHT_FLOWER_BASIC_AUTH"] = flower_credentials(settings)
     stack.env.update({k: v for k, v in extra_env.items() if k.startswith("SHELFSIGHT_")})
     child_env = {**_passthrough_env(), **stack.env, **extra_env}
 

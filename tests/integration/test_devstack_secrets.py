@@ -83,3 +83,10 @@ def test_dev_stack_redis_refuses_clients_without_its_generated_password(tmp_path
         flower_lines = [line for line in logs["flower.log"].splitlines() if line.strip()]
         assert flower_lines and all(isinstance(json.loads(line), dict) for line in flower_lines)
     assert not (tmp_path / "redis.conf").exists()
+
+
+def test_exports_carry_flower_credentials_even_without_flower(tmp_path: Path) -> None:
+    """`dev up --no-flower` then `honcho start` runs `shelfsight flower` from the exports."""
+    with start_stack(tmp_path, Settings(), worker=False, flower=False) as stack:
+        check_basic_auth(stack.env["SHELFSIGHT_FLOWER_BASIC_AUTH"])
+        assert "flower" not in stack.processes
