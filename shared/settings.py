@@ -150,9 +150,10 @@ class Settings(BaseSettings):
         0, description="Worker threads; 0 means 2 × batch_size, so one batch fills while one runs."
     )
     worker_soft_shutdown_timeout_s: float = Field(
-        30.0, description="Celery soft shutdown: on SIGQUIT (or SIGTERM with REMAP_SIGTERM=SIGQUIT, "
-        "as the image sets) a worker takes no new message, lets its in-flight batch finish and ack for "
-        "up to this long, then requeues the rest. Above one batch; below the stop grace period."
+        15.0, description="Celery soft shutdown: on SIGQUIT (or SIGTERM with REMAP_SIGTERM=SIGQUIT, "
+        "as docker/compose.yaml sets) a worker takes no new message, waits this long (always the whole "
+        "time) for its in-flight batch to finish and ack, then requeues the rest at once instead of "
+        "after the visibility timeout. Above one batch; below the stop grace period."
     )
     decode_on_gpu: bool = Field(True, description="Decode JPEGs with nvJPEG when on CUDA.")
     max_retries: int = Field(4, description="Transient errors are retried this many times, then dead-lettered.")
