@@ -25,9 +25,24 @@ class Settings(BaseSettings):
         description="Celery result backend; carries training progress states shown in Flower.",
     )
     visibility_timeout_s: int = Field(
-        7200,
-        description="Redis redelivers a message not acked within this many seconds. Must exceed "
-        "the longest task (training included), or long tasks run twice.",
+        300,
+        description="Extraction: Redis redelivers an extract message not acked within this many "
+        "seconds (a dead worker's events come back within about 1.1 × this). Must exceed the longest "
+        "extraction (fetch retries, batch wait, writes). Training has its own, below.",
+    )
+    training_visibility_timeout_s: int = Field(
+        6 * 3600,
+        description="Training: the same for the training queue, kept in its own unacked index "
+        "(kombu's `unacked_key`), so a long run never forces a long delay on extraction. A copy "
+        "redelivered while the first run still holds its lock is acked and skipped.",
+    )
+    broker_socket_timeout_s: float = Field(
+        30.0, description="Redis socket timeout (broker, result backend, streams): a half-open "
+        "connection fails a command after this long instead of hanging it."
+    )
+    broker_connect_timeout_s: float = Field(10.0, description="Redis connect timeout.")
+    broker_health_check_interval_s: int = Field(
+        25, description="Redis connections idle this long are PINGed before use (and TCP keepalive is on)."
     )
     extract_queue: str = Field("extract", description="Queue the extraction workers consume.")
     training_queue: str = Field("training", description="Queue the trainer worker consumes.")
@@ -76,6 +91,10 @@ class Settings(BaseSettings):
         64, description="boto3 connection pool size, shared by all fetching and writing threads."
     )
     s3_retries: int = Field(3, description="boto3 retry attempts for transient S3 errors.")
+    s3_connect_timeout_s: float = Field(5.0, description="S3 connect timeout per attempt.")
+    s3_read_timeout_s: float = Field(
+        30.0, description="S3 read timeout per attempt: a response slower than this is retried."
+    )
     s3_conditional_writes: bool = Field(
         True,
         description="Write result files with S3 conditional PUTs (If-None-Match / If-Match): one "
@@ -158,6 +177,33 @@ class Settings(BaseSettings):
     decode_on_gpu: bool = Field(True, description="Decode JPEGs with nvJPEG when on CUDA.")
     max_retries: int = Field(4, description="Transient errors are retried this many times, then dead-lettered.")
     retry_backoff_s: float = Field(1.0, description="First retry delay; doubles each attempt.")
+    retry_backoff_max_s: float = Field(
+        60.0, description="Longest retry delay (before jitter), also when neither a result nor a dead "
+        "letter can be written and the event is requeued; kept below half the visibility timeout."
+    )
+    poison_max_deliveries: int = Field(
+        3, description="An event whose processing was started this many times without ever finishing "
+        "(the worker died: OOM, codec crash, fatal CUDA error) is dead-lettered as `poison`."
+    )
+    delivery_tracking_ttl_s: int = Field(
+        86400, description="How long the per-event delivery counter and finished marker live in Redis; "
+        "a redelivered copy of an event finished within this window is acked without rework."
+    )
+    decode_memory_bytes: int = Field(
+        1 << 30, description="Byte budget for images being decoded at once (estimated from their "
+        "headers); threads wait for room, so peak decode memory is bounded whatever the formats."
+    )
+    model_load_concurrency: int = Field(
+        2, description="Cold model loads running at once in a worker process (all categories)."
+    )
+    model_load_memory_bytes: int = Field(
+        4 << 30, description="Memory reserved by cold model loads in flight (estimated from the "
+        "manifest's weight size); a load waits until its reservation fits."
+    )
+    model_retry_backoff_s: float = Field(
+        30.0, description="A model version that failed to load is not retried before this many seconds "
+        "(doubling per failure, up to 30 min); the last good version keeps serving meanwhile."
+    )
 
     # --- training -----------------------------------------------------------------------------
     train_epochs: int = Field(15, description="Maximum training epochs.")
