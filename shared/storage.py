@@ -42,6 +42,11 @@ class TransientStorageError(StorageError):
     """5xx, throttling, timeouts, dropped connections: worth retrying."""
 
 
+class AccessDenied(TransientStorageError):
+    """403: credentials expired, rotated or denied. Retried like a transient error, because it is
+    the service's access that is wrong, not the event: credentials get renewed, policies fixed."""
+
+
 @dataclass(frozen=True)
 class StoredObject:
     body: bytes
@@ -64,6 +69,10 @@ _TRANSIENT_CODES = {
     "RequestTimeout", "Throttling", "ThrottlingException", "RequestTimeTooSkewed",
 }
 _MISSING_CODES = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
+_DENIED_CODES = {
+    "403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
+    "InvalidToken", "TokenRefreshRequired", "AllAccessDisabled",
+}
 
 
 def _translate(exc: Exception, bucket: str, key: str) -> StorageError:
@@ -72,6 +81,8 @@ def _translate(exc: Exception, bucket: str, key: str) -> StorageError:
         status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
         if code in {"PreconditionFailed", "ConditionalRequestConflict"} or status in {"409", "412"}:
             return PreconditionFailed(f"s3://{bucket}/{key}: {code or status}")
+        if code in _DENIED_CODES or status == "403":
+            return AccessDenied(f"s3://{bucket}/{key}: access denied ({code or status})")
         if code in _MISSING_CODES or status == "404":
             return ObjectMissing(f"s3://{bucket}/{key} does not exist ({code or status})")
         if code in _TRANSIENT_CODES or status.startswith("5"):
@@ -91,8 +102,8 @@ class S3ObjectStore:
         config = Config(
             max_pool_connections=settings.s3_max_pool_connections,
             retries={"max_attempts": settings.s3_retries, "mode": "standard"},
-            connect_timeout=5,
-            read_timeout=30,
+            connect_timeout=settings.s3_connect_timeout_s,
+            read_timeout=settings.s3_read_timeout_s,
             s3={"addressing_style": "path"},
             # Per-request CPU matters at thousands of images/s: checksums only where S3 requires
             # them (TLS and Content-MD5/ETag already protect integrity), no client-side re-validation

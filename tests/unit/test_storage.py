@@ -6,10 +6,10 @@ import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError
 
 from shelfsight.shared.storage import (
+    AccessDenied,
     InMemoryObjectStore,
     ObjectMissing,
     PreconditionFailed,
-    StorageError,
     TransientStorageError,
     _translate,
 )
@@ -36,7 +36,7 @@ def _client_error(code: str, status: int) -> ClientError:
         (_client_error("InternalError", 500), TransientStorageError),
         (_client_error("PreconditionFailed", 412), PreconditionFailed),
         (EndpointConnectionError(endpoint_url="http://127.0.0.1:1"), TransientStorageError),
-        (_client_error("AccessDenied", 403), StorageError),
+        (_client_error("AccessDenied", 403), AccessDenied),  # retried: the service's access is wrong, not the event
     ],
 )
 def test_errors_are_translated_for_retry_decisions(error: Exception, kind: type) -> None:
