@@ -35,6 +35,7 @@ def trainer(settings: Settings, hostname: str) -> int:
 
     Celery beat is embedded when SHELFSIGHT_RETRAIN_SCHEDULE_S is set.
     """
+    from shelfsight.shared.observability import serve_metrics
     from shelfsight.trainer.app import create_trainer_app
 
     quiet = ["--quiet"] if settings.log_format == "json" else []  # no banner: every line is JSON
@@ -42,7 +43,9 @@ def trainer(settings: Settings, hostname: str) -> int:
             "--without-mingle", "--without-gossip", "--loglevel", settings.log_level]
     if settings.retrain_schedule_s > 0:
         argv.append("--beat")
-    create_trainer_app(settings).start(argv)
+    app = create_trainer_app(settings)
+    serve_metrics(settings)  # shelfsight_training_* (solo pool: runs happen in this process)
+    app.start(argv)
     return 0
 
 

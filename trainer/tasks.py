@@ -13,7 +13,7 @@ import structlog
 from celery import Task, shared_task
 
 from shelfsight.shared.celery_app import IMPORT_LABELS_TASK, RETRAIN_ALL_TASK, TRAIN_TASK
-from shelfsight.trainer import service
+from shelfsight.trainer import metrics, service
 from shelfsight.trainer.app import resources_of
 from shelfsight.trainer.train import Progress
 
@@ -49,14 +49,17 @@ def train_category(self: Task, category: str, caption_template: str | None = Non
     task_id = self.request.id or ""
     with structlog.contextvars.bound_contextvars(category=category, task_id=task_id):
         log.info("task.train.start")
+        started = time.monotonic()
         try:
             result = service.train_category(
                 resources, category, owner=task_id or None, caption_template=caption_template,
                 progress=_reporter(self),
             )
         except Exception as exc:
+            metrics.record_run(resources.taxonomy, category, None, time.monotonic() - started, time.time())
             log.error("task.train.failed", error=f"{type(exc).__name__}: {exc}")
             raise
+        metrics.record_run(resources.taxonomy, category, result, time.monotonic() - started, time.time())
         log.info("task.train.finished", status=result["status"], version=result.get("version"))
         return result
 
