@@ -32,6 +32,31 @@ MODEL_SWAPS = Counter("shelfsight_model_swaps_total", "Hot swaps to a new versio
 RESIDENT_MODELS = Gauge("shelfsight_resident_models", "Category models resident in memory")
 RESIDENT_BYTES = Gauge("shelfsight_resident_model_bytes", "Bytes of resident category models")
 BATCHER_BACKLOG = Gauge("shelfsight_batcher_backlog", "Images waiting in the micro-batcher for a model batch")
+# Reliability (docs/reliability.md): alert on any increase of the first two.
+OUTCOME_WRITE_FAILURES = Counter(
+    "shelfsight_outcome_write_failures_total",
+    "Events whose result or dead letter could not be written: left unacked and requeued", ["kind"],
+)
+REQUEUED = Counter(
+    "shelfsight_requeued_total", "Messages put back for redelivery instead of acked, by reason", ["reason"],
+)
+STREAM_PUBLISH_FAILURES = Counter(
+    "shelfsight_stream_publish_failures_total",
+    "Stream entries not written although their S3 record was (the record stands)", ["stream"],
+)
+REDELIVERIES_SKIPPED = Counter(
+    "shelfsight_redeliveries_skipped_total", "Redelivered copies of events already finished, acked without rework",
+)
+DELIVERY_TRACKING_ERRORS = Counter(
+    "shelfsight_delivery_tracking_errors_total", "Delivery counter reads/writes that failed (Redis down)",
+)
+MODEL_LOAD_WAIT_SECONDS = Histogram(
+    "shelfsight_model_load_wait_seconds", "Seconds a cold model load waited for the global load limiter",
+)
+DECODE_WAIT_SECONDS = Histogram(
+    "shelfsight_decode_wait_seconds", "Seconds an image waited for room in the decode byte budget",
+    buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, 30),
+)
 CONFIDENCE = Histogram(
     "shelfsight_attribute_confidence", "Confidence (top softmax score) of each extracted attribute",
     ["category", "attribute"], buckets=(0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0),
