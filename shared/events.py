@@ -113,6 +113,7 @@ ErrorCode = Literal[
     "image_format_not_allowed",
     "undecodable_image",
     "transient_exhausted",
+    "poison",  # started this many times and never finished: the worker died each time
     "internal_error",
 ]
 
@@ -128,7 +129,26 @@ class DeadLetter(BaseModel):
     message: str
     attempts: int
     event: Any = Field(description="The event as received (truncated if huge)")
-    failed_at: datetime = Field(default_factory=utcnow)
+    failed_at: UtcDatetime = Field(default_factory=utcnow)
+    worker: str = ""
+
+
+class SupersededRecord(BaseModel):
+    """An event that produced no result file because a newer upload of its product already had one.
+
+    Written to `<results-prefix>/_superseded/<day>/<event_id>.json` and announced on the results
+    stream with status "superseded": an outcome, recorded like the others.
+    """
+
+    schema_version: Literal[1] = 1
+    event_id: str
+    product_id: str
+    category: str
+    image: str
+    submitted_at: UtcDatetime
+    superseded_by: str = Field(description="event_id of the newer result that stays")
+    newer_submitted_at: UtcDatetime
+    recorded_at: UtcDatetime = Field(default_factory=utcnow)
     worker: str = ""
 
 
@@ -148,6 +168,11 @@ class LabelRecord(BaseModel):
 def result_key(results_prefix: str, category: str, product_id: str) -> str:
     """Key of a product's result file. Deterministic, so redelivery overwrites in place."""
     return f"{results_prefix.strip('/')}/{category}/{product_id}.json"
+
+
+def superseded_key(results_prefix: str, recorded_at: datetime, event_id: str) -> str:
+    """Key of the record of a superseded event (a folder no category can be named: `_superseded`)."""
+    return f"{results_prefix.strip('/')}/_superseded/{recorded_at:%Y-%m-%d}/{event_id}.json"
 
 
 def dead_letter_key(prefix: str, failed_at: datetime, event_id: str) -> str:
