@@ -9,6 +9,10 @@ from collections.abc import Iterator
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Tiny models on a small box: torch's per-op thread pool mostly spins and competes with the
+# other process of a test (worker, subprocess). One thread per process halves the suite's CPU
+# time; set OMP_NUM_THREADS to override. (Before anything imports torch.)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(autouse=True)
