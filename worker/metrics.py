@@ -72,6 +72,8 @@ def observe_confidences(category: str, confidences: dict[str, float]) -> None:
 class ServingModels(Collector):
     """`shelfsight_model_info{category,version}` 1 for each model this worker serves now."""
 
+    labelnames = ("category", "version")  # what the family carries, also before any model loads
+
     def __init__(self) -> None:
         self._versions: Callable[[], dict[str, str]] = dict
 
@@ -80,7 +82,7 @@ class ServingModels(Collector):
 
     def collect(self) -> Iterator[Metric]:
         info = GaugeMetricFamily("shelfsight_model_info", "Model version each category is served with "
-                                 "by this worker (value 1)", labels=["category", "version"])
+                                 "by this worker (value 1)", labels=list(self.labelnames))
         for category, version in sorted(self._versions().items()):
             info.add_metric([category, version], 1)
         yield info
