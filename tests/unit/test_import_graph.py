@@ -190,13 +190,23 @@ def _start_process_of_kind(factory: str) -> subprocess.Popen[str]:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+_started: dict[str, subprocess.Popen[str]] = {}
+
+
+def start_process_kinds() -> dict[str, subprocess.Popen[str]]:
+    """Start both kinds (once). tests/unit/conftest.py calls this right after collection, so the
+    seconds each spends importing torch overlap the tests that run before this module."""
+    if not _started:
+        _started["worker"] = _start_process_of_kind("shelfsight.worker.app.create_worker_app")
+        _started["trainer"] = _start_process_of_kind("shelfsight.trainer.app.create_trainer_app")
+    return _started
+
+
 @pytest.fixture(scope="module")
 def process_kinds() -> dict[str, dict[str, list[str]]]:
-    """Both kinds at once (each spends seconds importing torch): worker and trainer reports."""
-    started = {"worker": _start_process_of_kind("shelfsight.worker.app.create_worker_app"),
-               "trainer": _start_process_of_kind("shelfsight.trainer.app.create_trainer_app")}
+    """What a fresh worker process and a fresh trainer process loaded."""
     reports = {}
-    for kind, proc in started.items():
+    for kind, proc in start_process_kinds().items():
         out, err = proc.communicate(timeout=180)
         assert proc.returncode == 0, err
         reports[kind] = json.loads(out.strip().splitlines()[-1])
