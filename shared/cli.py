@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 from functools import cached_property, update_wrapper
-from importlib.metadata import entry_points, version
+from importlib.metadata import PackageNotFoundError, entry_points, version
 from typing import Any, TypeVar
 
 import click
@@ -111,7 +111,7 @@ class EntryPointGroup(click.Group):
 def _version() -> str:
     try:
         return version("shelfsight")
-    except Exception:  # running from a source tree that was never installed
+    except PackageNotFoundError:  # running from a source tree that was never installed
         return "unknown"
 
 

@@ -180,7 +180,8 @@ def run_demo(state_dir: Path, base: Settings) -> int:
             probe_index = next(i for i, p in enumerate(held_out) if p.category == category)
             _wait_for_swap(settings, category, version, held_out_uris[probe_index], held_out[probe_index])
             print(f"  worker pid {worker_pid} now serves {category} {version}")
-        assert stack.processes["worker"].pid == worker_pid
+        if stack.processes["worker"].pid != worker_pid:
+            raise RuntimeError("the extraction worker was restarted: the swap was not hot")
 
         print("\n== 5. extraction of the same products with the fine-tuned models")
         after = extract_and_wait(settings, held_out, held_out_uris)
