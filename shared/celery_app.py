@@ -9,6 +9,7 @@ task module in `tasks`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, Literal
 
 from celery import Celery
 from kombu import Queue
@@ -20,14 +21,52 @@ TRAIN_TASK = "shelfsight.train_category"
 IMPORT_LABELS_TASK = "shelfsight.import_labels"
 RETRAIN_ALL_TASK = "shelfsight.retrain_all"
 
+TRAINER_TASK_MODULE = "shelfsight.trainer.tasks"
+# kombu keeps delivered-but-unacked messages in one hash per name, and every consumer that uses
+# that name restores entries older than *its* visibility timeout. The trainer uses its own, so a
+# multi-hour training is never restored by an extraction worker's short timeout, and extraction
+# never waits for training's long one.
+TRAINING_UNACKED_KEY = "unacked-training"
 
-def create_celery_app(settings: Settings, *, tasks: Sequence[str] = ()) -> Celery:
+ConsumerKind = Literal["extract", "training"]
+
+
+def broker_transport_options(settings: Settings, kind: ConsumerKind = "extract") -> dict[str, Any]:
+    """kombu Redis transport options for a consumer of `kind` (producers use the extract ones).
+
+    Visibility timeout per kind (each in its own unacked index), the restore sweep run often
+    enough that a dead consumer's messages come back within about 1.1 × the timeout, socket
+    timeouts so a half-open connection cannot hang a publish, keepalive and health checks.
+    """
+    visibility = settings.visibility_timeout_s if kind == "extract" else settings.training_visibility_timeout_s
+    options: dict[str, Any] = {
+        "visibility_timeout": visibility,
+        # kombu sweeps every interval x throttle seconds (100 s by default): a tenth of the timeout
+        "unacked_restore_interval": max(1, min(60, visibility // 10)),
+        "unacked_restore_throttle": 1,
+        "socket_timeout": settings.broker_socket_timeout_s,
+        "socket_connect_timeout": settings.broker_connect_timeout_s,
+        "socket_keepalive": True,
+        "health_check_interval": settings.broker_health_check_interval_s,
+    }
+    if kind == "training":
+        options.update(unacked_key=TRAINING_UNACKED_KEY, unacked_index_key=f"{TRAINING_UNACKED_KEY}_index",
+                       unacked_mutex_key=f"{TRAINING_UNACKED_KEY}_mutex")
+    return options
+
+
+def create_celery_app(
+    settings: Settings, *, tasks: Sequence[str] = (), kind: ConsumerKind | None = None
+) -> Celery:
     """Build a Celery app for these settings.
 
-    `tasks` names the task modules this process registers (none for a producer). The
-    Settings object rides on the app (``app.shelfsight_settings``) so tasks reach it
-    without building a second one.
+    `tasks` names the task modules this process registers (none for a producer). `kind` says
+    which queue's delivery settings a worker of this app uses; by default "training" when the
+    trainer's task module is registered, else "extract". The Settings object rides on the app
+    (``app.shelfsight_settings``) so tasks reach it without building a second one.
     """
+    if kind is None:
+        kind = "training" if TRAINER_TASK_MODULE in tasks else "extract"
     app = Celery("shelfsight", broker=settings.broker_url, backend=settings.result_backend)
     app.conf.update(
         # Safe by default: nothing but JSON crosses the broker.
@@ -39,9 +78,14 @@ def create_celery_app(settings: Settings, *, tasks: Sequence[str] = ()) -> Celer
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         task_acks_on_failure_or_timeout=True,  # failures are dead-lettered by the task itself
-        # Redis redelivers anything unacked after this long: keep it above the longest task.
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        # Redis redelivers anything unacked after this long: one timeout per kind of consumer.
+        broker_transport_options=broker_transport_options(settings, kind),
         result_backend_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        redis_socket_timeout=settings.broker_socket_timeout_s,
+        redis_socket_connect_timeout=settings.broker_connect_timeout_s,
+        redis_socket_keepalive=True,
+        redis_backend_health_check_interval=settings.broker_health_check_interval_s,
+        broker_connection_timeout=settings.broker_connect_timeout_s,
         # Prefetch: each thread holds one message at a time; batches form across threads.
         worker_prefetch_multiplier=1,
         worker_pool_start_method="spawn",  # only matters for prefork: CUDA cannot survive fork
@@ -70,6 +114,7 @@ def create_celery_app(settings: Settings, *, tasks: Sequence[str] = ()) -> Celer
         ),
     )
     app.shelfsight_settings = settings
+    app.shelfsight_kind = kind
     return app
 
 

@@ -11,7 +11,7 @@ from celery import Celery
 
 from shelfsight.shared.celery_app import create_celery_app
 from shelfsight.shared.settings import Settings
-from shelfsight.worker.runtime import WorkerRuntime
+from shelfsight.worker.runtime import BuildService, WorkerRuntime
 
 WORKER_TASKS = ("shelfsight.worker.tasks",)
 
@@ -21,4 +21,5 @@ def create_worker_app(settings: Settings) -> Celery:
     app = create_celery_app(settings, tasks=WORKER_TASKS)
     app.conf.worker_consumer = "shelfsight.worker.consumer:Consumer"  # undecodable bodies are dead-lettered
     app.shelfsight_runtime = WorkerRuntime(settings)
+    app.steps["worker"].add(BuildService)  # no service, no consuming: fail at startup instead
     return app

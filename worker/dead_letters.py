@@ -11,10 +11,11 @@ import structlog
 
 from shelfsight.shared.events import DeadLetter, ErrorCode, UploadEvent, dead_letter_key
 from shelfsight.shared.settings import Settings
-from shelfsight.shared.storage import ObjectStore
-from shelfsight.shared.streams import EventPublisher
+from shelfsight.shared.storage import ObjectStore, StorageError
+from shelfsight.shared.streams import EventPublisher, publish_after_write
 from shelfsight.shared.taxonomy import load_taxonomy
 from shelfsight.worker import metrics
+from shelfsight.worker.delivery import OutcomeNotDurable
 
 log = structlog.get_logger()
 
@@ -42,7 +43,12 @@ class DeadLetterWriter:
     def record(
         self, raw: Any, event: UploadEvent | None, code: ErrorCode, message: str, attempt: int
     ) -> str:
-        """Record a dead letter for `raw` (the payload as received); returns its S3 key."""
+        """Record a dead letter for `raw` (the payload as received); returns its S3 key.
+
+        Raises OutcomeNotDurable when the S3 record cannot be written (the caller must not ack
+        the message then). A stream entry that cannot be written after the record was is logged
+        and counted, not raised: the record stands.
+        """
         event_id = event.event_id if event else payload_id(raw)
         letter = DeadLetter(
             event_id=event_id,
@@ -56,16 +62,23 @@ class DeadLetterWriter:
         )
         name = event.event_id if event else f"{MALFORMED_FOLDER}/{payload_digest(raw)}"
         key = dead_letter_key(self.settings.dead_letter_prefix, letter.failed_at, name)
-        self.store.put(self.settings.bucket, key, letter.model_dump_json(indent=2).encode())
-        self.publisher.publish(self.settings.dead_letter_stream, {
+        try:
+            self.store.put(self.settings.bucket, key, letter.model_dump_json(indent=2).encode())
+        except StorageError as exc:
+            metrics.OUTCOME_WRITE_FAILURES.labels(kind="dead_letter").inc()
+            log.error("dead_letter.write_failed", error_code=code, reason=message[:500], record=key,
+                      error=f"{type(exc).__name__}: {exc}")
+            raise OutcomeNotDurable("dead_letter", f"dead letter {key} not written: {exc}") from exc
+        published = publish_after_write(self.publisher, self.settings.dead_letter_stream, {
             "event_id": event_id, "error_code": code, "message": message[:1000],
             "record": f"s3://{self.settings.bucket}/{key}", "attempts": str(attempt),
         })
+        if published is None:
+            metrics.STREAM_PUBLISH_FAILURES.labels(stream="dead_letters").inc()
         metrics.DEAD_LETTERS.labels(code=code).inc()
         metrics.EVENTS.labels(outcome="dead_letter", category=self.category_label(letter.category)).inc()
         log.warning("event.dead_lettered", error_code=code, reason=message, record=key)
         return key
-
 
     def category_label(self, category: str | None) -> str:
         """A metric label: the category if the taxonomy knows it, else `unknown` (bounded)."""

@@ -25,8 +25,10 @@ from shelfsight.shared.events import (
     ImageInfo,
     ModelInfo,
     ResultRecord,
+    SupersededRecord,
     UploadEvent,
     result_key,
+    superseded_key,
 )
 from shelfsight.shared.image_sources import ImageSourcePolicy, ImageSourceRefused
 from shelfsight.shared.imaging import decode_image, open_header
@@ -40,21 +42,29 @@ from shelfsight.shared.storage import (
     StorageError,
     TransientStorageError,
 )
-from shelfsight.shared.streams import EventPublisher
+from shelfsight.shared.streams import EventPublisher, publish_after_write
 from shelfsight.shared.taxonomy import Taxonomy
 from shelfsight.worker import metrics
 from shelfsight.worker.batcher import BatchItem, MicroBatcher
 from shelfsight.worker.dead_letters import DeadLetterWriter, payload_id
+from shelfsight.worker.delivery import (
+    DeliveryTracker,
+    InMemoryDeliveryTracker,
+    OutcomeNotDurable,
+    backoff_delay,
+)
 from shelfsight.worker.gpu_decode import decode_batch
+from shelfsight.worker.limits import ByteBudget, decoded_bytes_estimate
 from shelfsight.worker.model_cache import CategoryModel, ModelCache
 
 log = structlog.get_logger()
 SCORE_DECIMALS = 4  # stable across batch composition, ample for thresholds
+DURABLE_OUTCOMES = frozenset({"result", "dead_letter", "superseded"})
 
 
 @dataclass
 class Outcome:
-    status: str  # "result" | "dead_letter" | "retry" | "superseded"
+    status: str  # "result" | "dead_letter" | "superseded" | "duplicate" | "retry" | "requeue"
     event_id: str
     retry_in: float | None = None
     detail: dict[str, Any] = field(default_factory=dict)
@@ -72,6 +82,7 @@ class Prepared:
     size: int
     width: int
     height: int
+    model: CategoryModel | None = None  # what it was prepared for: a lane's model when none is resident
 
 
 @dataclass
@@ -94,13 +105,17 @@ class ExtractionService:
         models: ModelCache,
         *,
         lanes: int = 1,
+        deliveries: DeliveryTracker | None = None,
     ) -> None:
         self.settings = settings
         self.taxonomy = taxonomy
         self.store = store
         self.publisher = publisher
         self.models = models
+        self.deliveries: DeliveryTracker = deliveries or InMemoryDeliveryTracker()
         self.dead_letters = DeadLetterWriter(settings, store, publisher)
+        self.decode_budget = ByteBudget(max(1, settings.decode_memory_bytes))
+        self.worker_name = self.dead_letters.worker_name
         self.sources = ImageSourcePolicy.from_settings(settings)
         self._lane_local = threading.local()
         self.batcher = MicroBatcher(
@@ -111,10 +126,27 @@ class ExtractionService:
         self.batcher.close()
 
     # --- the whole life of one event ------------------------------------------------------
-    def process(self, raw: Any, attempt: int = 1) -> Outcome:
-        """Handle one raw event. Returns the outcome; never raises for bad input."""
+    def process(self, raw: Any, attempt: int = 1, *, fresh: bool = True) -> Outcome:
+        """Handle one raw event. Returns the outcome; never raises for bad input.
+
+        Statuses: "result", "dead_letter" and "superseded" are durable outcomes (written to S3):
+        ack. "duplicate": an earlier copy of this event already finished: ack. "retry": a
+        transient error, try again after `retry_in`. "requeue": the outcome could not be written
+        (S3 down or denied): the message must not be acked; put it back after `retry_in`.
+        `fresh` is False for a redelivered message or a retry (see DeliveryTracker.begin).
+        """
         started = time.perf_counter()
         structlog.contextvars.clear_contextvars()
+        try:
+            return self._process(raw, attempt, fresh, started)
+        except OutcomeNotDurable as exc:
+            delay = backoff_delay(self.settings, attempt)
+            log.error("event.outcome_not_durable", kind=exc.kind, error=str(exc), retry_in_s=delay)
+            return Outcome("requeue", payload_id(raw), retry_in=delay, detail={"error": str(exc)})
+        finally:
+            metrics.STAGE_SECONDS.labels(stage="total").observe(time.perf_counter() - started)
+
+    def _process(self, raw: Any, attempt: int, fresh: bool, started: float) -> Outcome:
         try:
             event = self.parse_event(raw)
         except Rejected as rejected:
@@ -122,6 +154,32 @@ class ExtractionService:
         structlog.contextvars.bind_contextvars(
             event_id=event.event_id, product_id=event.product_id, category=event.category, attempt=attempt
         )
+        delivery = self.deliveries.begin(event.event_id, fresh=fresh)
+        if not delivery.tracked:
+            metrics.DELIVERY_TRACKING_ERRORS.inc()
+        if delivery.finished_as is not None:
+            metrics.REDELIVERIES_SKIPPED.inc()
+            log.info("event.already_finished", outcome=delivery.finished_as)
+            return Outcome("duplicate", event.event_id, detail={"finished_as": delivery.finished_as})
+        outcome: Outcome | None = None
+        try:
+            if delivery.deliveries > self.settings.poison_max_deliveries:
+                outcome = self._dead_letter(raw, event, "poison", (
+                    f"processing started {delivery.deliveries - 1} times and never finished: the worker "
+                    "died each time (out of memory, a crashing decoder, a fatal device error); not handed "
+                    f"to another worker (SHELFSIGHT_POISON_MAX_DELIVERIES={self.settings.poison_max_deliveries})"
+                ), attempt)
+            else:
+                outcome = self._attempt(raw, event, attempt, started)
+            return outcome
+        finally:
+            if outcome is not None and outcome.status in DURABLE_OUTCOMES:
+                self.deliveries.finish(event.event_id, outcome.status)
+            else:  # a retry, a requeue or an exception: this delivery ended, without an outcome
+                self.deliveries.release(event.event_id)
+
+    def _attempt(self, raw: Any, event: UploadEvent, attempt: int, started: float) -> Outcome:
+        """One try at an event: a result, a dead letter, or a retry decision."""
         try:
             return self._extract(event, started)
         except Rejected as rejected:
@@ -129,17 +187,17 @@ class ExtractionService:
         except TransientStorageError as exc:
             metrics.RETRIES.labels(stage="storage").inc()
             if attempt <= self.settings.max_retries:
-                delay = self.settings.retry_backoff_s * 2 ** (attempt - 1)
+                delay = backoff_delay(self.settings, attempt)
                 log.warning("event.transient_error", error=str(exc), retry_in_s=delay)
                 return Outcome("retry", event.event_id, retry_in=delay, detail={"error": str(exc)})
             return self._dead_letter(
                 raw, event, "transient_exhausted", f"gave up after {attempt} attempts: {exc}", attempt
             )
+        except OutcomeNotDurable:
+            raise
         except Exception as exc:  # a bug must still end as a dead letter
             log.exception("event.internal_error")
             return self._dead_letter(raw, event, "internal_error", f"{type(exc).__name__}: {exc}", attempt)
-        finally:
-            metrics.STAGE_SECONDS.labels(stage="total").observe(time.perf_counter() - started)
 
     def parse_event(self, raw: Any) -> UploadEvent:
         """Validate the wire payload (a dict or JSON text) within the size limit."""
@@ -188,6 +246,7 @@ class ExtractionService:
             raise Rejected("image_too_large", str(exc)) from exc
         t1 = time.perf_counter()
         prepared = self.prepare(obj.body, model)
+        prepared.model = model
         t2 = time.perf_counter()
         scored: Scored = self.batcher.run(event.category, prepared)
         t3 = time.perf_counter()
@@ -197,7 +256,7 @@ class ExtractionService:
             "queue_ms": _ms(t3 - t2 - scored.model_ms / 1000), "model_ms": round(scored.model_ms, 2),
             "batch_size": scored.batch_size,
         }
-        status = self._write_result(record)
+        status = self._write_result(record, event)
         metrics.observe_confidences(event.category, {a: r.confidence for a, r in record.attributes.items()})
         metrics.STAGE_SECONDS.labels(stage="fetch").observe(t1 - t0)
         metrics.STAGE_SECONDS.labels(stage="decode").observe(t2 - t1)
@@ -219,11 +278,25 @@ class ExtractionService:
                              max_frames=self.settings.max_image_frames) as header:
                 width, height = header.size
             return Prepared(None, data, model.image_size, width, height)
-        image = decode_image(
-            data, max_bytes=self.settings.max_image_bytes, max_pixels=self.settings.max_image_pixels,
-            draft_size=model.image_size, max_frames=self.settings.max_image_frames,
-        )
-        return Prepared(model.preprocess(image), None, model.image_size, *image.size)
+        pixels, width, height = self._decode_within_budget(data, model)
+        return Prepared(pixels, None, model.image_size, width, height)
+
+    def _decode_within_budget(self, data: bytes, model: CategoryModel) -> tuple[torch.Tensor, int, int]:
+        """Decode and preprocess holding a reservation of the process's decode byte budget.
+
+        The header (checked against every limit first) gives the size and mode, from which the
+        decode's peak memory is estimated; threads wait while the budget is full, so a burst of
+        large PNG/WebP/TIFF images costs at most the budget, not threads × the largest image.
+        """
+        limits = {"max_bytes": self.settings.max_image_bytes, "max_pixels": self.settings.max_image_pixels,
+                  "max_frames": self.settings.max_image_frames}
+        with open_header(data, **limits) as header:
+            estimate = decoded_bytes_estimate(*header.size, header.mode, header.format, model.image_size)
+        with self.decode_budget.reserve(estimate) as waited:
+            metrics.DECODE_WAIT_SECONDS.observe(waited)
+            image = decode_image(data, draft_size=model.image_size, **limits)
+            width, height = image.size
+            return model.preprocess(image), width, height
 
     def _cpu_pixels(self, prepared: Prepared, model: CategoryModel) -> torch.Tensor:
         """Pixels of an image that was passed on as JPEG bytes, decoded with PIL (the fallback)."""
@@ -231,17 +304,21 @@ class ExtractionService:
             return prepared.pixels
         if prepared.jpeg is None:  # a Prepared carries pixels or JPEG bytes, never neither
             raise ValueError("prepared image has neither pixels nor JPEG bytes")
-        image = decode_image(prepared.jpeg, max_bytes=self.settings.max_image_bytes,
-                             max_pixels=self.settings.max_image_pixels, draft_size=model.image_size,
-                             max_frames=self.settings.max_image_frames)
-        return model.preprocess(image)
+        pixels, _, _ = self._decode_within_budget(prepared.jpeg, model)
+        return pixels
 
     def _gpu_decode(self, model: CategoryModel) -> bool:
         return self.settings.decode_on_gpu and model.device.type == "cuda"
 
     def _run_batch(self, category: str, items: list[BatchItem]) -> list[Scored]:
-        """Runs in a batcher lane: one model reference for the whole batch."""
-        model = self.models.get(category)
+        """Runs in a batcher lane: one model reference for the whole batch.
+
+        Never loads a model (a load here would stall every category behind this lane): the
+        resident model, else the one the first item was prepared with (evicted meanwhile).
+        """
+        model = self.models.resident(category) or items[0].payload.model
+        if model is None:
+            raise TransientStorageError(f"no model resident for {category!r}; retrying the event")
         if model.device.type == "cuda":
             with torch.cuda.stream(self._lane_stream(model.device)):
                 return self._score_batch(model, items)
@@ -301,13 +378,18 @@ class ExtractionService:
         )
 
     # --- endings --------------------------------------------------------------------------
-    def _write_result(self, record: ResultRecord) -> str:
+    def _write_result(self, record: ResultRecord, event: UploadEvent) -> str:
         """Idempotent write: identical content is not rewritten; an older event never overwrites a newer one.
 
         With conditional writes, a new product costs one PUT (If-None-Match); an existing file
         is read, compared, and replaced only if unchanged since (If-Match), so racing workers
-        cannot lose an update.
+        cannot lose an update. An event older than the stored result is "superseded", and that
+        is recorded too (`_record_superseded`). Returns "result", "superseded" or "duplicate"
+        (another copy of this event already ended as a dead letter: one outcome per event).
         """
+        if self.deliveries.finished(record.event_id) == "dead_letter":
+            log.warning("result.not_written_already_dead_lettered")
+            return "duplicate"
         key = result_key(self.settings.results_prefix, record.category, record.product_id)
         t0 = time.perf_counter()
         record.timings["finished_at"] = datetime.now(UTC).isoformat()
@@ -322,7 +404,7 @@ class ExtractionService:
                     pass  # a result exists: decide below
             existing, etag = self._existing_result(key)
             if existing is not None and existing.submitted_at > record.submitted_at:
-                log.info("result.superseded", newer_event_id=existing.event_id)
+                self._record_superseded(event, existing)
                 return "superseded"
             if existing is not None and existing.content_fingerprint() == record.content_fingerprint():
                 log.info("result.duplicate_kept")  # redelivery: the file already says exactly this
@@ -337,13 +419,38 @@ class ExtractionService:
                 continue  # another worker wrote in between: look again
         else:
             raise TransientStorageError(f"result {key} kept changing under concurrent writers")
-        self.publisher.publish(self.settings.results_stream, {
+        # the result is durable now: a stream failure is counted and logged, never a dead letter
+        published = publish_after_write(self.publisher, self.settings.results_stream, {
             "event_id": record.event_id, "product_id": record.product_id, "category": record.category,
             "result": f"s3://{self.settings.bucket}/{key}", "model_version": record.model.version,
-            "image_etag": record.image.etag,
+            "image_etag": record.image.etag, "status": "result",
         })
+        if published is None:
+            metrics.STREAM_PUBLISH_FAILURES.labels(stream="results").inc()
         metrics.STAGE_SECONDS.labels(stage="write").observe(time.perf_counter() - t0)
         return "result"
+
+    def _record_superseded(self, event: UploadEvent, newer: ResultRecord) -> None:
+        """A newer upload of the product already has a result: record that this event lost.
+
+        S3 first (a failure raises TransientStorageError: the event is retried, nothing was
+        written), then the results stream with status "superseded".
+        """
+        record = SupersededRecord(
+            event_id=event.event_id, product_id=event.product_id, category=event.category, image=event.image,
+            submitted_at=event.submitted_at, superseded_by=newer.event_id, newer_submitted_at=newer.submitted_at,
+            worker=self.worker_name,
+        )
+        key = superseded_key(self.settings.results_prefix, record.recorded_at, event.event_id)
+        self.store.put(self.settings.bucket, key, record.model_dump_json(indent=2).encode())
+        published = publish_after_write(self.publisher, self.settings.results_stream, {
+            "event_id": event.event_id, "product_id": event.product_id, "category": event.category,
+            "status": "superseded", "superseded_by": newer.event_id,
+            "record": f"s3://{self.settings.bucket}/{key}",
+        })
+        if published is None:
+            metrics.STREAM_PUBLISH_FAILURES.labels(stream="results").inc()
+        log.info("result.superseded", newer_event_id=newer.event_id, record=key)
 
     def _existing_result(self, key: str) -> tuple[ResultRecord | None, str | None]:
         """The current result file and its ETag, (None, None) if absent."""
@@ -360,6 +467,11 @@ class ExtractionService:
     def _dead_letter(
         self, raw: Any, event: UploadEvent | None, code: ErrorCode, message: str, attempt: int
     ) -> Outcome:
+        """Record a dead letter (raises OutcomeNotDurable when it cannot be written)."""
+        if event is not None and (earlier := self.deliveries.finished(event.event_id)) is not None:
+            # a concurrent copy of this event already ended (as a result, say): one outcome per event
+            log.warning("dead_letter.not_written_already_finished", error_code=code, finished_as=earlier)
+            return Outcome("duplicate", event.event_id, detail={"finished_as": earlier})
         key = self.dead_letters.record(raw, event, code, message, attempt)
         event_id = event.event_id if event else payload_id(raw)
         return Outcome("dead_letter", event_id, detail={"error_code": code, "message": message, "record": key})

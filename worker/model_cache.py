@@ -4,10 +4,18 @@ A worker keeps, per category, one *active* CategoryModel: the image tower plus, 
 attribute, the caption embeddings (computed once per checkpoint; the text tower is then
 dropped). A promotion loads the new version beside the old one, verifies its sha256,
 and swaps the reference. A batch takes its reference once, so in-flight work finishes on
-the model it started with. A failed load keeps the old model.
+the model it started with.
 
-Swaps are ordered by the registry pointer's `updated_at`, so a stale poll can never move
-a worker back to an older promotion (a rollback is a newer promotion and is followed).
+Swaps follow the registry's CURRENT by identity: a worker serves the version CURRENT names,
+whatever the hosts' clocks say (CURRENT itself is written with compare-and-swap, see
+shelfsight.shared.registry). A version that fails to load is backed off (not fetched again for
+`model_retry_backoff_s`, doubling per failure) while the last good version keeps serving; a
+worker that has no last good version serves the newest loadable version below it in the
+promotion history, else zero-shot, and says so in its logs and in each result's model version.
+
+Cold loads of all categories share one limiter (`model_load_concurrency` loads and
+`model_load_memory_bytes` reserved at once) and never run on a batcher lane thread: a lane
+takes the resident model, or the one its items were prepared with.
 """
 
 from __future__ import annotations
@@ -18,7 +26,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import structlog
@@ -27,15 +34,21 @@ import torch
 from shelfsight.shared import clip_math
 from shelfsight.shared.model_factory import ClipBundle, create_clip
 from shelfsight.shared.model_signing import ManifestSignatureError, load_trusted_manifest
-from shelfsight.shared.registry import ModelRegistry, Pointer
+from shelfsight.shared.registry import ModelRegistry
 from shelfsight.shared.settings import Settings
-from shelfsight.shared.storage import ObjectStore
+from shelfsight.shared.storage import ObjectStore, TransientStorageError
 from shelfsight.shared.taxonomy import Taxonomy
 from shelfsight.worker import metrics
+from shelfsight.worker.limits import ByteBudget
 
 log = structlog.get_logger()
 
 ZERO_SHOT_VERSION = "zero-shot"
+MAX_MODEL_BACKOFF_S = 1800.0
+
+
+class ModelUnavailable(TransientStorageError):
+    """The category's CURRENT version cannot be loaded now (transiently) and nothing serves it yet."""
 
 
 @dataclass
@@ -58,7 +71,7 @@ class CategoryModel:
     std: tuple[float, ...]
     nbytes: int
     preprocess: Callable[[Any], torch.Tensor]
-    pointer_time: datetime | None = None
+    served_for: str | None = None  # set on a fallback: the CURRENT version that would not load
     shared_tower: bool = False  # zero-shot models share the base tower: not counted per category
 
     @torch.inference_mode()
@@ -93,7 +106,7 @@ def build_heads(
 
 def _category_model(
     bundle: ClipBundle, category: str, version: str, mode: str, heads: tuple[clip_math.AttributeHead, ...],
-    taxonomy_version: str, pointer_time: datetime | None, shared_tower: bool,
+    taxonomy_version: str, served_for: str | None, shared_tower: bool,
 ) -> CategoryModel:
     visual = bundle.model.visual
     head_bytes = sum(h.text_features.numel() * h.text_features.element_size() for h in heads)
@@ -103,8 +116,18 @@ def _category_model(
         heads=heads, logit_scale=float(bundle.model.logit_scale.detach().exp().clamp(max=100)),
         device=bundle.device, dtype=bundle.dtype, image_size=bundle.image_size, mean=bundle.mean,
         std=bundle.std, preprocess=bundle.preprocess, nbytes=head_bytes + (0 if shared_tower else module_bytes(visual)),
-        pointer_time=pointer_time, shared_tower=shared_tower,
+        served_for=served_for, shared_tower=shared_tower,
     )
+
+
+@dataclass
+class _Failure:
+    """A version that failed to load: not tried again before `until` (monotonic seconds)."""
+
+    count: int
+    until: float
+    transient: bool
+    error: str
 
 
 class ModelCache:
@@ -116,14 +139,20 @@ class ModelCache:
         taxonomy: Taxonomy,
         store: ObjectStore,
         registry: ModelRegistry,
+        *,
+        load_budget: ByteBudget | None = None,
     ) -> None:
         self.settings = settings
         self.taxonomy = taxonomy
         self.store = store
         self.registry = registry
         self._active: OrderedDict[str, CategoryModel] = OrderedDict()
-        self._lock = threading.Lock()  # guards _active
+        self._lock = threading.Lock()  # guards _active and _failed
         self._load_locks: dict[str, threading.Lock] = {}
+        self._failed: dict[tuple[str, str], _Failure] = {}
+        self.load_budget = load_budget or ByteBudget(
+            max(1, settings.model_load_memory_bytes), slots=max(1, settings.model_load_concurrency)
+        )
         self._base: ClipBundle | None = None
         self._base_lock = threading.Lock()
         self._stop = threading.Event()
@@ -132,14 +161,19 @@ class ModelCache:
     # --- serving ----------------------------------------------------------------------------
     def get(self, category: str) -> CategoryModel:
         """The active model of a category, loading it (current version or zero-shot) on a miss."""
+        resident = self.resident(category)
+        if resident is not None:
+            return resident
+        model, _ = self._refresh(category)
+        return model  # the model this call installed or found: never a second lookup
+
+    def resident(self, category: str) -> CategoryModel | None:
+        """The active model if it is in memory; never loads (what a batcher lane may call)."""
         with self._lock:
             model = self._active.get(category)
             if model is not None:
                 self._active.move_to_end(category)
-                return model
-        self.refresh(category)
-        with self._lock:
-            return self._active[category]
+            return model
 
     def active_versions(self) -> dict[str, str]:
         with self._lock:
@@ -165,65 +199,136 @@ class ModelCache:
             bundle.model.visual = torch.compile(bundle.model.visual)
         return bundle
 
-    def _zero_shot(self, category: str) -> CategoryModel:
+    def _zero_shot(self, category: str, served_for: str | None = None) -> CategoryModel:
         cat = self.taxonomy.category(category)
         bundle = self.base_bundle()
         values = {name: attr.value_names for name, attr in cat.attributes.items()}
         captions = {name: attr.captions(cat.zero_shot_template) for name, attr in cat.attributes.items()}
         heads = build_heads(bundle, values, captions)
         return _category_model(bundle, category, ZERO_SHOT_VERSION, "zero_shot", heads,
-                               self.taxonomy.version, None, shared_tower=True)
+                               self.taxonomy.version, served_for, shared_tower=True)
 
-    def _fine_tuned(self, category: str, pointer: Pointer) -> CategoryModel:
+    def _fine_tuned(self, category: str, version: str, served_for: str | None = None) -> CategoryModel:
         # signature (when a key is set), path, taxonomy and architecture checks: before any weights load
-        manifest, notes = load_trusted_manifest(self.registry, category, pointer.version,
+        manifest, notes = load_trusted_manifest(self.registry, category, version,
                                                 taxonomy=self.taxonomy, settings=self.settings)
         for note in notes:
-            log.warning("model.manifest_note", category=category, version=pointer.version, note=note)
-        bundle = self._compiled(create_clip(
-            manifest.architecture, self.registry.weights_uri(category, pointer.version),
-            device=self.settings.device, precision=self.settings.precision, store=self.store,
-            expected_sha256=manifest.weights_sha256,
-        ))
-        heads = build_heads(bundle, manifest.values, manifest.captions)  # text tower freed with bundle
-        return _category_model(bundle, category, pointer.version, "fine_tuned", heads,
-                               manifest.taxonomy_version, pointer.updated_at, shared_tower=False)
+            log.warning("model.manifest_note", category=category, version=version, note=note)
+        # weights bytes + their state dict + the model built from it: reserved before any download
+        with self.load_budget.reserve(3 * max(manifest.weights_bytes, 1)) as waited:
+            metrics.MODEL_LOAD_WAIT_SECONDS.observe(waited)
+            bundle = self._compiled(create_clip(
+                manifest.architecture, self.registry.weights_uri(category, version),
+                device=self.settings.device, precision=self.settings.precision, store=self.store,
+                expected_sha256=manifest.weights_sha256,
+            ))
+            heads = build_heads(bundle, manifest.values, manifest.captions)  # text tower freed with bundle
+        return _category_model(bundle, category, version, "fine_tuned", heads,
+                               manifest.taxonomy_version, served_for, shared_tower=False)
 
     def refresh(self, category: str) -> bool:
         """Make the category serve what the registry's CURRENT names. True if it swapped.
 
         Loads beside the active model and swaps by reference; on failure the active model
-        stays and the error is logged (and re-raised only if there is nothing to serve).
+        stays, the version is backed off and the error is logged (see `_refresh`).
+        """
+        _, swapped = self._refresh(category)
+        return swapped
+
+    def _refresh(self, category: str) -> tuple[CategoryModel, bool]:
+        """(the model the category serves after this call, whether it changed).
+
+        Raises only when there is nothing to serve: CURRENT unreadable or its version failing
+        transiently on a worker with no model for the category yet (the event is retried).
         """
         self.taxonomy.category(category)  # KeyError for unknown categories, before any I/O
         lock = self._load_locks.setdefault(category, threading.Lock())
         with lock:
-            with self._lock:
-                active = self._active.get(category)
+            active = self.resident(category)
             try:
                 pointer = self.registry.current(category)
-                if active is not None and not _is_newer(pointer, active):
-                    return False
-                started = time.perf_counter()
-                new = self._zero_shot(category) if pointer is None else self._fine_tuned(category, pointer)
-                seconds = time.perf_counter() - started
             except Exception as exc:
-                metrics.MODEL_LOAD_FAILURES.labels(category=category).inc()
-                if isinstance(exc, ManifestSignatureError):  # someone wrote the registry without the key
-                    metrics.MODEL_SIGNATURE_FAILURES.labels(category=category).inc()
-                    log.critical("model.signature_refused", category=category, error=str(exc),
-                                 keeping=active.version if active else None)
                 if active is None:
                     raise
-                log.error("model.load_failed", category=category, keeping=active.version,
-                          error=f"{type(exc).__name__}: {exc}")
-                return False
-            metrics.MODEL_LOAD_SECONDS.observe(seconds)
-            self._install(new, active)
-            log.info("model.swapped", category=category, version=new.version, mode=new.mode,
-                     previous=active.version if active else None, load_seconds=round(seconds, 2),
-                     resident_bytes=new.nbytes)
-            return True
+                log.warning("model.current_unreadable", category=category, keeping=active.version, error=str(exc))
+                return active, False
+            target = pointer.version if pointer is not None else ZERO_SHOT_VERSION
+            if active is not None and (pointer is None or active.version == target):
+                return active, False  # identity, not clocks: CURRENT names what is served
+            failure = self._backing_off(category, target)
+            if failure is None:
+                try:
+                    return self._load_and_install(category, target, active), True
+                except Exception as exc:  # noqa: BLE001 - recorded, then a decision below
+                    failure = self._record_failure(category, target, exc, active)
+            if active is not None:
+                return active, False  # the last good version keeps serving
+            if failure.transient:
+                raise ModelUnavailable(f"{category} version {target} cannot be loaded now: {failure.error}")
+            return self._install_fallback(category, target), True
+
+    def _load_and_install(self, category: str, version: str, active: CategoryModel | None,
+                          served_for: str | None = None) -> CategoryModel:
+        started = time.perf_counter()
+        if version == ZERO_SHOT_VERSION:
+            new = self._zero_shot(category, served_for)
+        else:
+            new = self._fine_tuned(category, version, served_for)
+        seconds = time.perf_counter() - started
+        metrics.MODEL_LOAD_SECONDS.observe(seconds)
+        with self._lock:
+            self._failed.pop((category, version), None)
+        self._install(new, active)
+        log.info("model.swapped", category=category, version=new.version, mode=new.mode,
+                 previous=active.version if active else None, load_seconds=round(seconds, 2),
+                 resident_bytes=new.nbytes, standing_in_for=served_for)
+        return new
+
+    def _backing_off(self, category: str, version: str) -> _Failure | None:
+        with self._lock:
+            failure = self._failed.get((category, version))
+        return failure if failure is not None and time.monotonic() < failure.until else None
+
+    def _record_failure(self, category: str, version: str, exc: Exception,
+                        active: CategoryModel | None) -> _Failure:
+        metrics.MODEL_LOAD_FAILURES.labels(category=category).inc()
+        if isinstance(exc, ManifestSignatureError):  # someone wrote the registry without the key
+            metrics.MODEL_SIGNATURE_FAILURES.labels(category=category).inc()
+            log.critical("model.signature_refused", category=category, error=str(exc),
+                         keeping=active.version if active else None)
+        transient = is_transient(exc)
+        with self._lock:
+            previous = self._failed.get((category, version))
+            count = previous.count + 1 if previous else 1
+            # transient failures come back sooner: they are expected to heal on their own
+            base = self.settings.model_retry_backoff_s / (4 if transient else 1)
+            delay = min(MAX_MODEL_BACKOFF_S, base * 2 ** (count - 1))
+            failure = _Failure(count, time.monotonic() + delay, transient, f"{type(exc).__name__}: {exc}")
+            self._failed[(category, version)] = failure
+        log.error("model.load_failed", category=category, version=version, keeping=active.version if active else None,
+                  transient=transient, failures=count, retry_in_s=round(delay, 1), error=failure.error)
+        return failure
+
+    def _install_fallback(self, category: str, failed: str) -> CategoryModel:
+        """No last good version in this worker and `failed` will not load: serve the newest
+        loadable version below it in the promotion history, else zero-shot."""
+        try:
+            stack = self.registry.serving_stack(category)
+        except Exception as exc:  # noqa: BLE001 - zero-shot still serves
+            log.warning("model.history_unreadable", category=category, error=str(exc))
+            stack = []
+        for version in reversed(stack):
+            if version == failed or self._backing_off(category, version) is not None:
+                continue
+            try:
+                model = self._load_and_install(category, version, None, served_for=failed)
+            except Exception as exc:  # noqa: BLE001 - try the next one down
+                self._record_failure(category, version, exc, None)
+                continue
+            log.warning("model.serving_fallback", category=category, version=version, current=failed)
+            return model
+        log.warning("model.serving_fallback", category=category, version=ZERO_SHOT_VERSION, current=failed)
+        return self._load_and_install(category, ZERO_SHOT_VERSION, None, served_for=failed)
 
     def _install(self, new: CategoryModel, old: CategoryModel | None) -> None:
         with self._lock:
@@ -244,7 +349,7 @@ class ModelCache:
 
     # --- learning of promotions -------------------------------------------------------------
     def handle_announcement(self, payload: str | bytes) -> None:
-        """A pub/sub message {"category", "version"}: re-read CURRENT and swap if newer."""
+        """A pub/sub message {"category", "version"}: re-read CURRENT and swap if it names another version."""
         try:
             category = json.loads(payload)["category"]
         except (ValueError, KeyError, TypeError):
@@ -295,9 +400,12 @@ class ModelCache:
             thread.join(timeout=5)
 
 
-def _is_newer(pointer: Pointer | None, active: CategoryModel) -> bool:
-    if pointer is None:
-        return False  # never promoted: keep whatever serves (zero-shot)
-    if active.pointer_time is None:
-        return True  # zero-shot → first fine-tuned version
-    return pointer.version != active.version and pointer.updated_at > active.pointer_time
+def is_transient(exc: BaseException) -> bool:
+    """True when a load failed for a reason expected to heal (S3 5xx, timeouts, denied access)
+    rather than because the version itself is bad (signature, sha256, manifest, architecture)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, TransientStorageError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

@@ -3,46 +3,57 @@
 `WorkerRuntime` rides on the Celery app (`app.shelfsight_runtime`, attached by the composition
 root in `shelfsight.worker.app`), so tasks and signal handlers reach the one instance of their
 own app; nothing is kept in module globals.
+
+The service is built by a worker bootstep (`BuildService`) before the consumer starts: a worker
+whose service cannot be built (a bad taxonomy path, device or endpoint) exits with an error
+instead of taking messages it can only fail. Built lazily otherwise (tests, tools); a build that
+fails there raises ServiceUnavailable, and the task requeues its message instead of acking it.
 """
 
 from __future__ import annotations
 
 import threading
+from typing import Any
 
-import redis
 import structlog
-from celery import Celery
+from celery import Celery, bootsteps
 
 from shelfsight.shared.model_factory import resolve_device
 from shelfsight.shared.observability import register_queue_metrics, serve_metrics
 from shelfsight.shared.registry import ModelRegistry
 from shelfsight.shared.settings import Settings
 from shelfsight.shared.storage import S3ObjectStore
-from shelfsight.shared.streams import RedisStreamPublisher
+from shelfsight.shared.streams import RedisStreamPublisher, redis_client
 from shelfsight.shared.taxonomy import load_taxonomy
 from shelfsight.worker import metrics
 from shelfsight.worker.dead_letters import DeadLetterWriter
+from shelfsight.worker.delivery import RedisDeliveryTracker
 from shelfsight.worker.extractor import ExtractionService
 from shelfsight.worker.model_cache import ModelCache
 
 log = structlog.get_logger()
 
 
+class ServiceUnavailable(RuntimeError):
+    """The extraction service could not be built: nothing can be processed, nothing may be acked."""
+
+
 def build_extraction_service(settings: Settings, *, background: bool = True) -> ExtractionService:
-    """Wire store, publisher, taxonomy and model cache into an ExtractionService."""
+    """Wire store, publisher, taxonomy, delivery tracker and model cache into an ExtractionService."""
     if settings.torch_threads:
         import torch
 
         torch.set_num_threads(settings.torch_threads)
     store = S3ObjectStore(settings)
-    client = redis.Redis.from_url(settings.broker_url)
+    client = redis_client(settings)
     taxonomy = load_taxonomy(settings.taxonomy_path)
     models = ModelCache(settings, taxonomy, store, ModelRegistry(store, settings.bucket, settings.models_prefix))
     if background:
         models.start_background(client)
     lanes = 2 if resolve_device(settings.device).type == "cuda" else 1  # 2: copy/compute overlap
     service = ExtractionService(
-        settings, taxonomy, store, RedisStreamPublisher(client, settings.stream_maxlen), models, lanes=lanes
+        settings, taxonomy, store, RedisStreamPublisher(client, settings.stream_maxlen), models, lanes=lanes,
+        deliveries=RedisDeliveryTracker(client, settings.delivery_tracking_ttl_s),
     )
     log.info("worker.ready", taxonomy_version=taxonomy.version, architecture=settings.model_arch,
              batch_size=settings.batch_size, batch_max_wait_ms=settings.batch_max_wait_ms)
@@ -50,10 +61,7 @@ def build_extraction_service(settings: Settings, *, background: bool = True) -> 
 
 
 class WorkerRuntime:
-    """The extraction service and the model-free dead-letter writer of one worker process.
-
-    Both are built on first use (the service loads a model, so not at import or app creation).
-    """
+    """The extraction service and the model-free dead-letter writer of one worker process."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -61,23 +69,30 @@ class WorkerRuntime:
         self._service: ExtractionService | None = None
         self._dead_letters: DeadLetterWriter | None = None
 
-    @property
-    def service(self) -> ExtractionService:
-        """The process's ExtractionService, built on first use."""
+    def build(self) -> ExtractionService:
+        """Build the service now (the bootstep calls this before consuming); errors propagate."""
         with self._lock:
             if self._service is None:
                 self._service = build_extraction_service(self.settings)
             return self._service
 
     @property
+    def service(self) -> ExtractionService:
+        """The process's ExtractionService; ServiceUnavailable if it cannot be built."""
+        try:
+            return self.build()
+        except Exception as exc:
+            log.critical("worker.service_unavailable", error=f"{type(exc).__name__}: {exc}")
+            raise ServiceUnavailable(f"extraction service cannot be built: {type(exc).__name__}: {exc}") from exc
+
+    @property
     def dead_letters(self) -> DeadLetterWriter:
         """A DeadLetterWriter that needs no model, for messages that never reach a task."""
         with self._lock:
             if self._dead_letters is None:
-                client = redis.Redis.from_url(self.settings.broker_url)
                 self._dead_letters = DeadLetterWriter(
                     self.settings, S3ObjectStore(self.settings),
-                    RedisStreamPublisher(client, self.settings.stream_maxlen),
+                    RedisStreamPublisher(redis_client(self.settings), self.settings.stream_maxlen),
                 )
             return self._dead_letters
 
@@ -95,6 +110,24 @@ class WorkerRuntime:
         if service is not None:
             service.models.stop()
             service.close()
+
+
+class BuildService(bootsteps.StartStopStep):
+    """Worker bootstep: build the extraction service and the base model before the consumer
+    starts. An exception here is an unrecoverable worker error: the process exits non-zero and
+    never takes a message."""
+
+    label = "shelfsight extraction service"
+
+    def start(self, parent: Any) -> None:
+        runtime: WorkerRuntime | None = getattr(parent.app, "shelfsight_runtime", None)
+        if runtime is None:
+            return
+        try:
+            runtime.build().models.base_bundle()
+        except Exception as exc:
+            log.critical("worker.cannot_start", error=f"{type(exc).__name__}: {exc}")
+            raise
 
 
 def runtime_of(app: Celery) -> WorkerRuntime:

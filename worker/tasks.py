@@ -2,30 +2,82 @@
 
 Imported only by the extraction worker's app (see shelfsight.worker.app), so the hooks below
 never run in the trainer or in a producer.
+
+The one rule here: a message is acked only once its event's outcome is durable. The task
+returns (ack) for a result, a dead letter, a superseded record or a copy of an event already
+finished; it retries (a new message is published, then the original acked) for a transient
+error or an outcome that could not be written; and when even that publish fails it rejects the
+original *with* requeue, never without (Celery's own `Reject(requeue=False)` would drop it).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from typing import Any, NoReturn
 
-from celery import shared_task
-from celery.signals import task_rejected, task_unknown, worker_ready, worker_shutdown
+import structlog
+from celery import Task, shared_task
+from celery.exceptions import Reject
+from celery.signals import worker_ready, worker_shutdown
 
 from shelfsight.shared.celery_app import EXTRACT_TASK
-from shelfsight.worker.runtime import WorkerRuntime, runtime_of
+from shelfsight.worker import metrics
+from shelfsight.worker.extractor import Outcome
+from shelfsight.worker.runtime import ServiceUnavailable, WorkerRuntime, runtime_of
+
+log = structlog.get_logger()
+
+REQUEUE_PAUSE_MAX_S = 5.0  # a requeue is pushed to the back of the queue; pause the thread a little too
 
 
-@shared_task(bind=True, name=EXTRACT_TASK, max_retries=None, ignore_result=True)
-def extract(self, event: Any = None, **unexpected: Any) -> dict[str, Any]:  # noqa: ANN001
+def wire_payload(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The event as sent: the one positional argument (or `event=`); anything else is kept whole
+    ({"args": [...], "kwargs": {...}}) so it reaches the service and is dead-lettered as malformed."""
+    if len(args) == 1 and not kwargs:
+        return args[0]
+    if not args and set(kwargs) == {"event"}:
+        return kwargs["event"]
+    return {"args": list(args), "kwargs": kwargs}
+
+
+@shared_task(bind=True, name=EXTRACT_TASK, max_retries=None, ignore_result=True, typing=False)
+def extract(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """Turn one upload event into a result file or a dead letter.
 
-    Takes anything, so a malformed message still reaches the service and is dead-lettered.
+    Takes any arguments (`typing=False` and a catch-all signature), so a malformed message still
+    reaches the service and is dead-lettered, instead of failing Celery's argument check and being
+    acked with nothing recorded.
     """
-    payload = event if not unexpected else {"event": event, **unexpected}
-    outcome = runtime_of(self.app).service.process(payload, attempt=self.request.retries + 1)
+    request = self.request
+    fresh = not (request.retries or (request.delivery_info or {}).get("redelivered"))
+    try:
+        service = runtime_of(self.app).service
+    except ServiceUnavailable as exc:
+        _requeue(self, "service_unavailable", 1.0, str(exc))
+    outcome = service.process(wire_payload(args, kwargs), attempt=request.retries + 1, fresh=fresh)
     if outcome.status == "retry":
-        raise self.retry(countdown=outcome.retry_in)
+        _retry(self, outcome, "transient")
+    if outcome.status == "requeue":
+        _retry(self, outcome, "outcome_not_durable")
     return outcome.summary()
+
+
+def _retry(task: Task, outcome: Outcome, reason: str) -> None:
+    """Publish a retry due in `outcome.retry_in`, or put the original back if that fails."""
+    delay = outcome.retry_in or 1.0
+    try:
+        raise task.retry(countdown=delay)
+    except Reject as rejected:  # the retry message could not be published: keep the original
+        _requeue(task, reason, delay, f"retry not published: {rejected.reason}")
+
+
+def _requeue(task: Task, reason: str, delay: float, error: str) -> NoReturn:
+    """Reject with requeue: the message goes back to the queue (or, with Redis unreachable, stays
+    in the unacked index and is restored after the visibility timeout). Never acked."""
+    metrics.REQUEUED.labels(reason=reason).inc()
+    log.error("event.requeued", reason=reason, error=error, task_id=task.request.id)
+    time.sleep(min(delay, REQUEUE_PAUSE_MAX_S))  # no hot loop while storage or the broker is down
+    raise Reject(error, requeue=True)
 
 
 def _runtime(sender: Any) -> WorkerRuntime | None:
@@ -46,24 +98,3 @@ def _on_shutdown(sender: Any = None, **_: Any) -> None:
     runtime = _runtime(sender)
     if runtime is not None:
         runtime.shutdown()
-
-
-@task_unknown.connect
-def _on_unknown_task(sender: Any = None, name: str = "", message: Any = None, **_: Any) -> None:
-    """A message naming a task nobody registered: Celery drops it, so record why."""
-    _record_undeliverable(sender, message, f"no task named {name!r} is registered on this queue")
-
-
-@task_rejected.connect
-def _on_rejected(sender: Any = None, message: Any = None, **_: Any) -> None:
-    """A message that is not a Celery task message at all."""
-    _record_undeliverable(sender, message, "not a Celery task message")
-
-
-def _record_undeliverable(consumer: Any, message: Any, reason: str) -> None:
-    runtime = _runtime(consumer)
-    if runtime is None:
-        return
-    body = getattr(message, "body", b"")
-    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else str(body)
-    runtime.dead_letters.record(text, None, "malformed_event", reason, attempt=1)
