@@ -6,10 +6,15 @@ Layout, per category::
     models/<category>/<version>/manifest.json       what they are (sha256 included)
     models/<category>/<version>/report.json, *.png  the training report
     models/<category>/CURRENT                       {"version": ...}: the serving version
-    models/<category>/promotions/<ts>-<version>.json  append-only promotion history
+    models/<category>/promotions/<seq>-<version>.json  append-only promotion history
 
 A version is uploaded whole before CURRENT is flipped to it, with one PUT (atomic in S3),
 so a reader sees the old version or the new one, never half of one.
+
+CURRENT is written with compare-and-swap (If-Match on the ETag read, If-None-Match for the
+first promotion): of two racing promotions, the second re-reads and builds on the first, so
+CURRENT's `previous` and the history's order always agree. History entries are ordered by
+CURRENT's sequence number, never by a host's clock (older entries, named by time, sort first).
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from shelfsight.shared.storage import ObjectMissing, ObjectStore
+from shelfsight.shared.events import UtcDatetime
+from shelfsight.shared.storage import ObjectMissing, ObjectStore, PreconditionFailed
 
 MANIFEST_SCHEMA_VERSION = 1
 
@@ -52,11 +58,19 @@ class Manifest(BaseModel):
 
 class Pointer(BaseModel):
     version: str
-    updated_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    updated_at: UtcDatetime = Field(default_factory=lambda: datetime.now(UTC))  # informative only
     reason: str = ""
     previous: str | None = None
     rollback: bool = False
+    sequence: int = Field(0, description="1 for a category's first promotion, +1 each time (0: written "
+                          "before sequences); orders the history")
 
+
+class ConcurrentPromotion(RuntimeError):
+    """CURRENT kept changing under this promotion (compare-and-swap lost repeatedly)."""
+
+
+PROMOTE_ATTEMPTS = 5
 
 def new_version() -> str:
     """Sortable, unique version id: v<UTC time>-<random>."""
@@ -79,11 +93,15 @@ class ModelRegistry:
 
     def current(self, category: str) -> Pointer | None:
         """The serving version's pointer, or None if the category has never been promoted."""
+        return self.current_with_etag(category)[0]
+
+    def current_with_etag(self, category: str) -> tuple[Pointer | None, str | None]:
+        """CURRENT and its ETag (what a compare-and-swap must match); (None, None) if absent."""
         try:
-            body = self.store.get(self.bucket, self.key(category, "CURRENT"), max_bytes=65536).body
+            stored = self.store.get(self.bucket, self.key(category, "CURRENT"), max_bytes=65536)
         except ObjectMissing:
-            return None
-        return Pointer.model_validate_json(body)
+            return None, None
+        return Pointer.model_validate_json(stored.body), stored.etag
 
     def manifest(self, category: str, version: str) -> Manifest:
         body = self.store.get(self.bucket, self.key(category, version, "manifest.json"), max_bytes=4 << 20).body
@@ -112,17 +130,38 @@ class ModelRegistry:
     def promote(self, category: str, version: str, reason: str, *, rollback: bool = False) -> Pointer:
         """Point CURRENT at `version` (which must have a manifest) and record the promotion."""
         self.manifest(category, version)  # raises ObjectMissing for an unknown version
-        old = self.current(category)
-        pointer = Pointer(version=version, reason=reason, previous=old.version if old else None, rollback=rollback)
-        stamp = f"{pointer.updated_at:%Y%m%dT%H%M%S%f}"
-        self.store.put(self.bucket, self.key(category, "promotions", f"{stamp}-{version}.json"), pointer.model_dump_json().encode())
-        self.store.put(self.bucket, self.key(category, "CURRENT"), pointer.model_dump_json().encode())
-        return pointer
+        return self._swap(category, lambda _old: (version, reason), rollback=rollback)
+
+    def _swap(self, category: str, choose: Any, *, rollback: bool = False) -> Pointer:
+        """Compare-and-swap CURRENT to what `choose(current pointer)` names, then record it.
+
+        `choose` returns (version, reason); it is called again with the new CURRENT when another
+        promotion won the race, so a decision is always made on what is actually serving.
+        """
+        for _ in range(PROMOTE_ATTEMPTS):
+            old, etag = self.current_with_etag(category)
+            version, reason = choose(old)
+            pointer = Pointer(version=version, reason=reason, previous=old.version if old else None,
+                              rollback=rollback, sequence=(old.sequence if old else 0) + 1)
+            body = pointer.model_dump_json().encode()
+            try:
+                if etag is None:
+                    self.store.put(self.bucket, self.key(category, "CURRENT"), body, if_none_match=True)
+                else:
+                    self.store.put(self.bucket, self.key(category, "CURRENT"), body, if_match=etag)
+            except PreconditionFailed:
+                continue  # another promotion landed first: decide again on top of it
+            # after the swap, so the history never names a promotion that lost; named by sequence
+            name = f"{pointer.sequence:010d}-{version}.json"
+            self.store.put(self.bucket, self.key(category, "promotions", name), body)
+            return pointer
+        raise ConcurrentPromotion(f"{category}: CURRENT changed {PROMOTE_ATTEMPTS} times during this promotion")
 
     def history(self, category: str) -> list[Pointer]:
-        """Promotions, oldest first."""
+        """Promotions, oldest first: by sequence, then (entries written before sequences) by name."""
         keys = self.store.list_keys(self.bucket, self.key(category, "promotions") + "/")
-        return [Pointer.model_validate_json(self.store.get(self.bucket, k).body) for k in keys]
+        entries = [(Pointer.model_validate_json(self.store.get(self.bucket, k).body), k) for k in keys]
+        return [pointer for pointer, _ in sorted(entries, key=lambda e: (e[0].sequence, e[1]))]
 
     def serving_stack(self, category: str) -> list[str]:
         """Versions as a stack: a promotion pushes, a rollback pops. The top serves now."""
@@ -136,10 +175,16 @@ class ModelRegistry:
 
     def rollback(self, category: str) -> Pointer:
         """Serve the version promoted before the current one; repeated rollbacks walk further back."""
-        stack = self.serving_stack(category)
-        if len(stack) < 2:
-            raise ValueError(f"{category}: nothing to roll back to (serving history {stack})")
-        return self.promote(category, stack[-2], reason=f"rollback from {stack[-1]}", rollback=True)
+
+        def choose(current: Pointer | None) -> tuple[str, str]:
+            stack = self.serving_stack(category)
+            if current is not None and (not stack or stack[-1] != current.version):
+                stack.append(current.version)  # a history entry lost after its swap: CURRENT is the truth
+            if len(stack) < 2:
+                raise ValueError(f"{category}: nothing to roll back to (serving history {stack})")
+            return stack[-2], f"rollback from {stack[-1]}"
+
+        return self._swap(category, choose, rollback=True)
 
     def put_json(self, category: str, name: str, payload: dict[str, Any]) -> None:
         self.store.put(self.bucket, self.key(category, name), json.dumps(payload, indent=2).encode())
