@@ -218,9 +218,55 @@ class Settings(BaseSettings):
     train_last_n_blocks: int = Field(2, description="N for train_mode=last_n.")
     train_val_fraction: float = Field(0.15, description="Share of labeled products kept for validation.")
     train_test_fraction: float = Field(0.2, description="Share of labeled products frozen for test.")
-    train_seed: int = Field(0, description="Seed for splits, sampling and init.")
+    train_seed: int = Field(0, description="Seed for sampling, augmentation and init (not the split).")
     promotion_margin: float = Field(
-        0.0, description="A challenger is promoted if test macro-F1 ≥ champion's + this margin."
+        0.01, description="A challenger is promoted only if the lower confidence bound of its test "
+        "macro-F1 gain over the champion (paired bootstrap over test products) is at least this."
+    )
+    train_split_seed: int = Field(
+        0, description="Seed of the train/val/test assignment, separate from train_seed: retraining "
+        "with another training seed keeps the frozen test set."
+    )
+    train_augment: bool = Field(
+        True, description="Random resized crops (of the letterboxed image) in training; off: each "
+        "training image is preprocessed once with the serving transform (faster on CPU)."
+    )
+    train_crop_scale: float = Field(
+        0.9, description="Smallest area of the random resized crop, as a share of the letterboxed image."
+    )
+    train_flip: bool = Field(
+        False, description="Random horizontal flips in training (off: attributes can have a side)."
+    )
+    train_min_steps_per_epoch: int = Field(
+        4, description="At least this many optimizer steps per epoch, however few the training images."
+    )
+    train_image_size: int = Field(
+        0, description="Model input size in pixels for training and serving (recorded in the manifest); "
+        "0 keeps the architecture's own. Only for convolutional image towers (EfficientNet)."
+    )
+    train_sampler_power: float = Field(
+        0.5, description="Sampler tempering: a value seen n times is drawn in proportion to n^(1-p) "
+        "(1: fully balanced, 0: as labeled)."
+    )
+    train_sampler_max_ratio: float = Field(
+        10.0, description="No training image is drawn more than this many times as often as under "
+        "uniform sampling (caps single-example values)."
+    )
+    train_min_value_examples: int = Field(
+        3, description="Products with a value labeled fewer times than this stay in train; the value "
+        "is reported untestable."
+    )
+    promotion_min_test_examples: int = Field(
+        10, description="No promotion unless every labeled attribute has at least this many test examples."
+    )
+    promotion_confidence: float = Field(
+        0.95, description="Confidence of the bootstrap lower bound the gate compares with the margin."
+    )
+    promotion_bootstrap_samples: int = Field(2000, description="Paired bootstrap resamples of the test set.")
+    promotion_bootstrap_seed: int = Field(0, description="Seed of the bootstrap (the gate is deterministic).")
+    promotion_attribute_tolerance: float = Field(
+        0.05, description="A challenger whose test macro-F1 on any one attribute is more than this below "
+        "the champion's is not promoted, whatever the mean."
     )
     retrain_after_labels: int = Field(
         50, description="Enqueue a retrain after this many new labels for a category (0 disables)."
