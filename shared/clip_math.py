@@ -44,8 +44,15 @@ def encode_captions(
 def attribute_logits(
     image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor | float
 ) -> torch.Tensor:
-    """Scaled cosine similarities [B, V] between images [B, D] and one attribute's values [V, D]."""
-    return logit_scale * normalize(image_features.float()) @ text_features.float().T
+    """Scaled cosine similarities [B, V] between images [B, D] and one attribute's values [V, D], in fp32.
+
+    Computed with autocast switched off: under CUDA autocast `@` runs in bf16/fp16 whatever
+    its inputs' dtype, and logits near 100 would land on steps of 0.25-0.5. Training (under
+    autocast) and serving (outside it) thus get the same fp32 logits from the same features.
+    """
+    with torch.autocast(device_type=image_features.device.type, enabled=False):
+        scale = logit_scale.float() if isinstance(logit_scale, torch.Tensor) else float(logit_scale)
+        return scale * (normalize(image_features.float()) @ text_features.float().T)
 
 
 def score_heads(
