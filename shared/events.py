@@ -163,6 +163,10 @@ class LabelRecord(BaseModel):
     image: S3Uri
     attributes: dict[str, str] = Field(min_length=1)
     labeled_at: UtcDatetime = Field(default_factory=utcnow)
+    group_id: str | None = Field(
+        None, pattern=_ID, description="Products sharing a group_id (variants of one product) are "
+        "kept in one split by the trainer, as are products whose images have the same bytes."
+    )
 
 
 def result_key(results_prefix: str, category: str, product_id: str) -> str:
