@@ -89,6 +89,7 @@ class DevStack:
             "broker_url": self.env["SHELFSIGHT_BROKER_URL"],
             "result_backend": self.env["SHELFSIGHT_RESULT_BACKEND"],
             "s3_endpoint_url": f"http://127.0.0.1:{self.ports['s3']}",
+            "sqs_endpoint_url": f"http://127.0.0.1:{self.ports['s3']}",
             "s3_access_key_id": SecretStr(S3_KEY),
             "s3_secret_access_key": SecretStr(S3_KEY),
             "bucket": self.bucket,
@@ -226,6 +227,7 @@ def stack_env(redis_port: int, s3_port: int, bucket: str, redis_password: str) -
         "SHELFSIGHT_BROKER_URL": f"{redis_url}/0",
         "SHELFSIGHT_RESULT_BACKEND": f"{redis_url}/1",
         "SHELFSIGHT_S3_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}",
+        "SHELFSIGHT_SQS_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}",  # moto serves SQS there too
         "SHELFSIGHT_S3_ACCESS_KEY_ID": S3_KEY,
         "SHELFSIGHT_S3_SECRET_ACCESS_KEY": S3_KEY,
         "SHELFSIGHT_BUCKET": bucket,
@@ -292,9 +294,12 @@ def _lock(state_dir: Path) -> Iterator[None]:
 
 
 def start_stack(state_dir: Path, settings: Settings, *, worker: bool = True, trainer: bool = False,
-                flower: bool = True, extra_env: dict[str, str] | None = None,
+                flower: bool = True, relay: bool = False, extra_env: dict[str, str] | None = None,
                 timeout_s: float = WORKER_TIMEOUT_S) -> DevStack:
-    """Start Redis, moto S3 (with the bucket), and optionally worker, trainer and Flower.
+    """Start Redis, moto S3 (with the bucket), and optionally worker, trainer, Flower and relay.
+
+    The relay (`relay=True`) drains the Redis list shelfsight.shared.relay.demo.UPLOADS_LIST,
+    as compose's relay drains MinIO's notifications.
 
     Returns once everything answers. `extra_env` is applied last to every child's
     environment (and to `.env` when it sets SHELFSIGHT_* variables). On any failure, what was
@@ -309,7 +314,7 @@ def start_stack(state_dir: Path, settings: Settings, *, worker: bool = True, tra
         _clear_stale(state_dir)
         stack = DevStack(state_dir=state_dir, bucket=extra_env.get("SHELFSIGHT_BUCKET", settings.bucket))
         try:
-            _start_all(stack, settings, extra_env, worker=worker, trainer=trainer, flower=flower,
+            _start_all(stack, settings, extra_env, worker=worker, trainer=trainer, flower=flower, relay=relay,
                        timeout_s=timeout_s)
         except BaseException as exc:
             log.error("devstack.start_failed", error=(str(exc) or type(exc).__name__).splitlines()[0])
@@ -339,7 +344,7 @@ def _clear_stale(state_dir: Path) -> None:
 
 
 def _start_all(stack: DevStack, settings: Settings, extra_env: dict[str, str], *, worker: bool,
-               trainer: bool, flower: bool, timeout_s: float) -> None:
+               trainer: bool, flower: bool, relay: bool, timeout_s: float) -> None:
     redis_port, s3_port = free_port(), free_port()
     redis_password = secrets.token_urlsafe(24)
     stack.ports = {"redis": redis_port, "s3": s3_port}
@@ -371,6 +376,14 @@ def _start_all(stack: DevStack, settings: Settings, extra_env: dict[str, str], *
     if trainer:
         info = _launch(stack, "trainer", [*cli, "trainer"], child_env)
         _wait(info, "answering celery ping", lambda: _celery_ping(broker, "trainer@"), timeout_s)
+    if relay:  # ready once it serves /metrics (it does so just before it starts relaying)
+        from shelfsight.shared.relay.demo import UPLOADS_LIST
+
+        port = free_port()
+        stack.ports["relay_metrics"] = port
+        info = _launch(stack, "relay", [*cli, "relay", "--redis-list", UPLOADS_LIST],
+                       {**child_env, "SHELFSIGHT_METRICS_PORT": str(port)})
+        _wait(info, "serving /metrics", lambda: port_open(port), SERVICE_TIMEOUT_S)
     if flower:
         port = free_port()
         stack.ports["flower"] = port
