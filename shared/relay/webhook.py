@@ -46,6 +46,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         if not self._authorized():
             metrics.WEBHOOK_REJECTED.labels(reason="unauthorized").inc()
+            length = self._content_length()
+            if length is not None and length <= self.server.max_bytes:
+                self.rfile.read(length)  # so closing does not reset the connection under the reply
             self._reply(401, {"error": "missing or wrong bearer token"},
                         {"WWW-Authenticate": 'Bearer realm="shelfsight-relay"'})
             return
