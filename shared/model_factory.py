@@ -27,6 +27,7 @@ import open_clip
 import torch
 from safetensors.torch import load as load_safetensors_bytes
 
+from shelfsight.shared import framing
 from shelfsight.shared.events import parse_s3_uri
 from shelfsight.shared.storage import ObjectStore
 
@@ -228,6 +229,7 @@ def create_clip(
     precision: str = "fp32",
     store: ObjectStore | None = None,
     expected_sha256: str | None = None,
+    image_size: int | None = None,
 ) -> ClipBundle:
     """Build an open_clip model, its train/val preprocessing and tokenizer, with the given weights.
 
@@ -239,6 +241,11 @@ def create_clip(
             fp32 master weights and uses autocast; inference casts the weights.
         store: object store for ``s3://`` weights.
         expected_sha256: for file and S3 weights, refuse to load unless the bytes hash to this.
+        image_size: input size in pixels instead of the architecture's own (convolutional image
+            towers only: EfficientNet pools whatever the size; a ViT's patch grid is fixed).
+
+    Preprocessing is shelfsight's one framing (shared/framing.py): letterbox to a square, resize
+    whole; the training transform adds a mild random resized crop of the letterboxed square.
 
     Returns:
         A ClipBundle in eval mode on the device.
@@ -249,19 +256,25 @@ def create_clip(
     source = parse_weights(weights)
     torch_device = resolve_device(str(device))
     dtype = resolve_dtype(precision, torch_device)
-    model, preprocess_train, preprocess = _build(architecture, source)
+    model, _, preprocess = _build(architecture, source)  # open_clip's transforms: only their mean/std are used
     digest = _load_weights(model, architecture, source, store, expected_sha256)
     model = model.to(torch_device)
     if dtype != torch.float32:
         model = model.to(dtype)
     model.eval()
-    image_size = model.visual.image_size
-    size = image_size[0] if isinstance(image_size, tuple | list) else int(image_size)
+    native = model.visual.image_size
+    size = native[0] if isinstance(native, tuple | list) else int(native)
+    if image_size and image_size != size:
+        if not hasattr(model.visual, "trunk"):  # open_clip TimmModel: a timm CNN trunk, any input size
+            raise WeightsError(f"{architecture} takes {size} px images only; image size {image_size} needs a "
+                               "convolutional image tower")
+        size = image_size
     norm = next(t for t in preprocess.transforms if type(t).__name__ == "Normalize")
+    mean, std = tuple(norm.mean), tuple(norm.std)
     return ClipBundle(
         model=model,
-        preprocess=preprocess,
-        preprocess_train=preprocess_train,
+        preprocess=framing.eval_transform(size, mean, std),
+        preprocess_train=framing.train_transform(size, mean, std),
         tokenizer=open_clip.get_tokenizer(architecture),
         architecture=architecture,
         weights=weights,
@@ -269,8 +282,8 @@ def create_clip(
         device=torch_device,
         dtype=dtype,
         image_size=size,
-        mean=tuple(norm.mean),
-        std=tuple(norm.std),
+        mean=mean,
+        std=std,
     )
 
 

@@ -1,8 +1,12 @@
 """JPEG decode + preprocessing on the GPU (nvJPEG through torchvision), for batches.
 
-Mirrors open_clip's eval transform (shorter side to `size` with bicubic + antialias,
-centre crop, scale to [0, 1], normalise). It runs on any device, so the CPU tests check
-it against the PIL path; on CUDA the decode itself runs on nvJPEG.
+Mirrors the PIL path's framing (shared/framing.py: letterbox on white, bicubic + antialias
+resize of the whole image, scale to [0, 1], normalise). nvJPEG decodes at full size where PIL
+decodes at a reduced DCT scale (draft), so the full-size pixels are first box-averaged by the
+same power of two (shared.framing.draft_like). It runs on any device, so
+tests/unit/test_training_decode_parity.py checks it with device="cpu" against the PIL path
+(shared.imaging.decode_image with draft + the bundle's preprocess) on real photos: pixel
+difference and feature cosine.
 """
 
 from __future__ import annotations
@@ -11,7 +15,8 @@ from collections.abc import Sequence
 
 import torch
 import torchvision.io as tvio
-import torchvision.transforms.v2.functional as TF
+
+from shelfsight.shared.framing import preprocess_tensor
 
 
 def decode_jpegs(jpegs: Sequence[bytes], device: torch.device) -> list[torch.Tensor]:
@@ -24,11 +29,9 @@ def decode_jpegs(jpegs: Sequence[bytes], device: torch.device) -> list[torch.Ten
 def preprocess_uint8(
     image: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float]
 ) -> torch.Tensor:
-    """[3, H, W] uint8 → normalised float [3, size, size], like open_clip's eval transform."""
-    resized = TF.resize(image, [size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
-    cropped = TF.center_crop(resized, [size, size])
-    pixels = cropped.float().div_(255.0).clamp_(0.0, 1.0)
-    return TF.normalize(pixels, list(mean), list(std))
+    """[3, H, W] uint8 (a full-size JPEG decode) → normalised float [3, size, size], as the PIL path
+    gives: decode_image(draft_size=size), then the bundle's eval transform."""
+    return preprocess_tensor(image, size, mean, std, draft_size=size)
 
 
 def decode_batch(
