@@ -50,6 +50,18 @@ class Manifest(BaseModel):
     parent_version: str | None = None
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     training: dict[str, Any] = Field(default_factory=dict)
+    # Reproducibility (all covered by the signature; absent from manifests written before them):
+    test_set_sha256: str | None = Field(None, description="sha256 of the content-addressed test-set snapshot "
+                                        "(test_set_key: models/<category>/test-sets/<sha256>.json)")
+    base_weights_sha256: str | None = Field(None, description="sha256 of the base weights fine-tuned from")
+    image_size: int | None = Field(None, description="input size in pixels (None: the architecture's own)")
+    framing: str | None = Field(None, description="preprocessing framing, e.g. 'letterbox' (shared/framing.py)")
+    precision: str | None = Field(None, description="training precision, e.g. 'fp32' or 'bf16-autocast'")
+    device: str | None = Field(None, description="device trained on, e.g. 'cpu' or 'cuda (NVIDIA H100)'")
+    split_seed: int | None = None
+    train_seed: int | None = None
+    software: dict[str, str] = Field(default_factory=dict, description="shelfsight version and commit, python, "
+                                     "torch, torchvision, open_clip, timm versions")
     signature: str | None = Field(
         None, description="hmac-sha256:<hex> over the rest of the manifest (shared/model_signing.py); "
         "set by the trainer when SHELFSIGHT_MODEL_SIGNING_KEY is, required by workers then"
@@ -68,6 +80,10 @@ class Pointer(BaseModel):
 
 class ConcurrentPromotion(RuntimeError):
     """CURRENT kept changing under this promotion (compare-and-swap lost repeatedly)."""
+
+
+class ChampionChanged(RuntimeError):
+    """CURRENT no longer names the version a conditional promotion expected."""
 
 
 PROMOTE_ATTEMPTS = 5
@@ -131,6 +147,23 @@ class ModelRegistry:
         """Point CURRENT at `version` (which must have a manifest) and record the promotion."""
         self.manifest(category, version)  # raises ObjectMissing for an unknown version
         return self._swap(category, lambda _old: (version, reason), rollback=rollback)
+
+    def promote_if_current(self, category: str, version: str, reason: str, expected: str | None) -> Pointer:
+        """Promote `version` only while CURRENT still names `expected` (None: nothing promoted yet).
+
+        For the training gate: a challenger is promoted over the champion it was compared with,
+        never over one promoted meanwhile. Raises ChampionChanged otherwise (compare-and-swap).
+        """
+        self.manifest(category, version)
+
+        def choose(current: Pointer | None) -> tuple[str, str]:
+            serving = current.version if current else None
+            if serving != expected:
+                raise ChampionChanged(f"{category}: CURRENT is {serving}, not {expected} that the gate compared "
+                                      f"{version} with; not promoted")
+            return version, reason
+
+        return self._swap(category, choose)
 
     def _swap(self, category: str, choose: Any, *, rollback: bool = False) -> Pointer:
         """Compare-and-swap CURRENT to what `choose(current pointer)` names, then record it.
