@@ -188,6 +188,7 @@ class ModelCache:
                 self._base = self._compiled(create_clip(
                     self.settings.model_arch, self.settings.model_weights, device=self.settings.device,
                     precision=self.settings.precision, store=self.store,
+                    image_size=self.settings.train_image_size or None,  # the size the gate scored zero-shot at
                 ))
                 log.info("model.base_loaded", architecture=self._base.architecture,
                          weights_sha256=self._base.weights_sha256, seconds=round(time.perf_counter() - started, 2))
@@ -221,6 +222,7 @@ class ModelCache:
                 manifest.architecture, self.registry.weights_uri(category, version),
                 device=self.settings.device, precision=self.settings.precision, store=self.store,
                 expected_sha256=manifest.weights_sha256,
+                image_size=manifest.image_size or None,  # the size it was trained and gated at
             ))
             heads = build_heads(bundle, manifest.values, manifest.captions)  # text tower freed with bundle
         return _category_model(bundle, category, version, "fine_tuned", heads,
