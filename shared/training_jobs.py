@@ -36,15 +36,53 @@ return 0
 """
 
 
+# An execution claims the lock its task id holds (pending since enqueue) with a token of its own,
+# "<task id>#<token>", or refreshes it. A redelivered copy of the same task (same id, another
+# token) finds the first execution's token and is turned away. Returns the holder.
+_CLAIM = """
+local holder = redis.call('GET', KEYS[1])
+if not holder or holder == ARGV[1] or holder == ARGV[2] then
+  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+  return ARGV[2]
+end
+return holder
+"""
+EXECUTION_SEPARATOR = "#"
+
+
 def lock_key(category: str) -> str:
     return f"shelfsight:train-lock:{category}"
 
 
+def _task_id(holder: str) -> str:
+    """The task id part of a lock value ("<task id>" pending, "<task id>#<token>" running)."""
+    return holder.split(EXECUTION_SEPARATOR, 1)[0]
+
+
 def acquire_training_lock(client: redis.Redis, category: str, owner: str, ttl_s: int) -> str | None:
-    """None if `owner` now holds the category's training lock, else the id of the holder."""
+    """None if `owner` now holds the category's training lock, else the task id of the holder."""
     holder = client.eval(_ACQUIRE, 1, lock_key(category), owner, ttl_s)
     holder = holder.decode() if isinstance(holder, bytes) else str(holder)
-    return None if holder == owner else holder
+    return None if holder == owner else _task_id(holder)
+
+
+def execution_lock_value(task_id: str, token: str) -> str:
+    return f"{task_id}{EXECUTION_SEPARATOR}{token}"
+
+
+def claim_training_lock(client: redis.Redis, category: str, task_id: str, token: str, ttl_s: int) -> str | None:
+    """None if this execution (task id + its own token) now holds the lock, claimed or refreshed;
+    else the holder's lock value (another task, or another execution of the same task)."""
+    value = execution_lock_value(task_id, token)
+    holder = client.eval(_CLAIM, 1, lock_key(category), task_id, value, ttl_s)
+    holder = holder.decode() if isinstance(holder, bytes) else str(holder)
+    return None if holder == value else holder
+
+
+def holds_training_lock(client: redis.Redis, category: str, value: str) -> bool:
+    """Whether the lock's value is still exactly `value` (an owner, or an execution's lock value)."""
+    current = client.get(lock_key(category))
+    return (current.decode() if isinstance(current, bytes) else current) == value
 
 
 def release_training_lock(client: redis.Redis, category: str, owner: str) -> bool:
@@ -55,7 +93,8 @@ def release_training_lock(client: redis.Redis, category: str, owner: str) -> boo
 def training_lock_holder(client: redis.Redis, category: str) -> str | None:
     """The task id holding the category's training lock, or None."""
     value = client.get(lock_key(category))
-    return value.decode() if isinstance(value, bytes) else value
+    holder = value.decode() if isinstance(value, bytes) else value
+    return None if holder is None else _task_id(holder)
 
 
 @dataclass(frozen=True)
