@@ -288,14 +288,33 @@ def models_show(settings: Settings, category: str, version: str | None, as_json:
     if as_json:
         echo_json(manifest)
         return EXIT_OK
-    for key in ("category", "version", "architecture", "base_weights", "taxonomy_version", "created_at",
-                "parent_version", "weights_sha256", "test_set_key"):
-        click.echo(f"{key:<17} {manifest.get(key)}")
-    metrics = manifest.get("metrics", {})
-    click.echo(f"{'test macro-F1':<17} {metrics.get('test_macro_f1')}")
-    click.echo(f"{'test accuracy':<17} {metrics.get('test_accuracy')}")
-    click.echo(f"{'decision':<17} {(metrics.get('decision') or {}).get('reason')}")
+    for line in describe_manifest(manifest):
+        click.echo(line)
     return EXIT_OK
+
+
+_SHOWN = ("category", "version", "architecture", "base_weights", "base_weights_sha256", "taxonomy_version",
+          "created_at", "parent_version", "weights_sha256", "test_set_key", "test_set_sha256", "image_size",
+          "framing", "precision", "device", "split_seed", "train_seed")
+
+
+def describe_manifest(manifest: dict[str, Any]) -> list[str]:
+    """`models show` lines: what the version is, how to reproduce it, and why it was (not) promoted."""
+    lines = [f"{key:<20} {manifest.get(key)}" for key in _SHOWN]
+    software = manifest.get("software") or {}
+    lines.append(f"{'software':<20} " + (", ".join(f"{k} {v}" for k, v in software.items()) or "None"))
+    metrics = manifest.get("metrics", {})
+    lines.append(f"{'test macro-F1':<20} {metrics.get('test_macro_f1')}")
+    lines.append(f"{'test accuracy':<20} {metrics.get('test_accuracy')}")
+    decision = metrics.get("decision") or {}
+    lines.append(f"{'decision':<20} {decision.get('reason')}")
+    mean = (decision.get("bootstrap") or {}).get("mean")
+    if mean:
+        lines.append(f"{'macro-F1 gain':<20} {mean['delta']:+.4f} (interval {mean['lower']:+.4f} to "
+                     f"{mean['upper']:+.4f}) over {decision.get('champion_version')}")
+    for attribute, delta in (decision.get("attribute_deltas") or {}).items():
+        lines.append(f"{'  ' + attribute:<20} {delta:+.4f}")
+    return lines
 
 
 def _print_pointer(category: str, pointer: dict[str, Any], as_json: bool) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,6 +18,7 @@ import torch
 from shelfsight.shared.clip_math import (
     IGNORE,
     accuracy_and_macro_f1,
+    attribute_logits,
     confusion_matrix,
     multi_attribute_loss,
     normalize,
@@ -122,8 +123,8 @@ def score_images(
             loss = multi_attribute_loss(image_features, features, targets_tensor(targets, indices, device),
                                         model.logit_scale.exp())
             total += float(loss) * len(indices)
-            for a, feats in features.items():
-                predictions[a].extend((normalize(image_features.float()) @ feats.float().T).argmax(-1).tolist())
+            for a, feats in features.items():  # fp32 logits, as at serving (clip_math.attribute_logits)
+                predictions[a].extend(attribute_logits(image_features, feats, 1.0).argmax(-1).tolist())
     return ImageScores(loss=total / max(1, size), predictions=predictions)
 
 
@@ -132,14 +133,23 @@ def score_images(
 
 @dataclass
 class EvalResult:
-    """Loss and per-attribute accuracy, macro-F1 and confusion matrix ([true][predicted])."""
+    """Loss and per-attribute accuracy, macro-F1 and confusion matrix ([true][predicted]).
+
+    `targets` and `predictions` keep the per-image outcome, in the data's value space (a
+    predicted value the data's taxonomy lacks is len(values), "(other)"; None: the model has
+    no head for the attribute), so that two models scored on the same images can be compared
+    image by image (trainer.bootstrap).
+    """
 
     loss: float
     attributes: dict[str, dict[str, Any]]
+    ids: list[str] = field(default_factory=list)
+    targets: dict[str, list[int]] = field(default_factory=dict)
+    predictions: dict[str, list[int] | None] = field(default_factory=dict)
 
     @property
     def macro_f1(self) -> float:
-        """Mean over attributes of the attribute's macro-F1 (the promotion criterion)."""
+        """Mean over attributes of the attribute's macro-F1."""
         scores = [a["macro_f1"] for a in self.attributes.values()]
         return sum(scores) / len(scores) if scores else 0.0
 
@@ -178,12 +188,21 @@ def evaluate(
         images = PreprocessedImages(data.images, bundle.preprocess, bundle.image_size)
         tokens = bundle.tokenizer(head.all_captions()).to(bundle.device)
         scores = score_images(bundle, tokens, head, images, model_targets, batch_size)
+    predictions = {a: _to_data_values(data_values[a], head.values[a], scores.predictions[a]) if a in known else None
+                   for a in data_values}
     return EvalResult(
         loss=scores.loss,
-        attributes={a: _attribute_metrics(a, data_values[a], data.targets[a], scores.predictions.get(a),
-                                          head.values.get(a))
-                    for a in data_values},
+        attributes={a: _attribute_metrics(a, data_values[a], data.targets[a], predictions[a]) for a in data_values},
+        ids=list(data.ids),
+        targets={a: list(data.targets[a]) for a in data_values},
+        predictions=predictions,
     )
+
+
+def _to_data_values(values: Sequence[str], model_values: Sequence[str], predicted: Sequence[int]) -> list[int]:
+    """Model value indices -> data value indices; a value the data lacks -> len(values) ("(other)")."""
+    back = _index_map(model_values, values)
+    return [back.get(p, len(values)) for p in predicted]
 
 
 def _index_map(source: Sequence[str], target: Sequence[str]) -> dict[int, int]:
@@ -192,18 +211,16 @@ def _index_map(source: Sequence[str], target: Sequence[str]) -> dict[int, int]:
 
 
 def _attribute_metrics(
-    attribute: str, values: Sequence[str], targets: Sequence[int], predicted: Sequence[int] | None,
-    model_values: Sequence[str] | None,
+    attribute: str, values: Sequence[str], targets: Sequence[int], predicted: Sequence[int] | None
 ) -> dict[str, Any]:
     labeled = sum(1 for t in targets if t != IGNORE)
-    if predicted is None or model_values is None:
+    if predicted is None:
         return {"accuracy": 0.0, "macro_f1": 0.0, "support": labeled, "values": list(values),
                 "confusion": None, "note": f"model has no head for {attribute}"}
-    back = _index_map(model_values, values)
     other = len(values)
-    mapped = [back.get(p, other) for p in predicted]
-    classes = len(values) + (1 if other in mapped else 0)
-    confusion = confusion_matrix(torch.tensor(mapped, dtype=torch.long), torch.tensor(list(targets), dtype=torch.long), classes)
+    classes = len(values) + (1 if other in predicted else 0)
+    confusion = confusion_matrix(torch.tensor(list(predicted), dtype=torch.long),
+                                 torch.tensor(list(targets), dtype=torch.long), classes)
     accuracy, macro_f1 = accuracy_and_macro_f1(confusion)
     names = list(values) + (["(other)"] if classes > len(values) else [])
     return {"accuracy": accuracy, "macro_f1": macro_f1, "support": labeled, "values": names,

@@ -5,8 +5,9 @@ Storage is append-only. Each import batch becomes immutable JSONL objects, one p
     <labels_prefix>/<category>/<UTC timestamp>-<random>.jsonl
 
 Nothing is ever rewritten. Reading a category means reading all its objects, in key order
-(timestamp first, so import order), and keeping for each product the label with the latest
-``labeled_at``; ties go to the later import, then to the later line.
+(timestamp first, so import order), and keeping for each product and attribute the value with
+the latest ``labeled_at``; ties go to the later import, then to the later line. A partial
+relabel (some attributes) keeps the product's other attributes (see `latest_labels`).
 
 Rejections are never silent: each bad line comes back with its 1-based line number and the
 reason (malformed JSON, schema error, unknown category/attribute/value, missing image). The
@@ -230,13 +231,32 @@ def label_categories(store: ObjectStore, bucket: str, labels_prefix: str) -> lis
 
 
 def latest_labels(records: Iterable[LabelRecord]) -> dict[str, LabelRecord]:
-    """Latest label per product: by labeled_at, ties to the later one in iteration order."""
+    """The current label of each product, merged per attribute: the latest value of each attribute wins.
+
+    Order: labeled_at, ties to the later record in iteration order (import order, then line
+    order). A relabel that names only some attributes keeps the others from earlier labels, as
+    long as they were given for the same image: a label for a new image of the product starts
+    afresh, because attributes describe a photo. The merged record carries the latest label's
+    image, group_id and labeled_at.
+    """
     latest: dict[str, LabelRecord] = {}
-    for record in records:
+    values: dict[str, dict[str, tuple[datetime, int, str]]] = {}
+    for order, record in enumerate(records):
         previous = latest.get(record.product_id)
         if previous is None or record.labeled_at >= previous.labeled_at:
             latest[record.product_id] = record
-    return latest
+        per_attribute = values.setdefault(record.product_id, {})
+        for attribute, value in record.attributes.items():
+            seen = per_attribute.get(f"{record.image}\n{attribute}")
+            if seen is None or (record.labeled_at, order) >= seen[:2]:
+                per_attribute[f"{record.image}\n{attribute}"] = (record.labeled_at, order, value)
+    merged = {}
+    for product_id, record in latest.items():
+        prefix = f"{record.image}\n"
+        attributes = {key[len(prefix):]: value for key, (_, _, value) in sorted(values[product_id].items())
+                      if key.startswith(prefix)}
+        merged[product_id] = record.model_copy(update={"attributes": attributes})
+    return merged
 
 
 def label_keys(store: ObjectStore, bucket: str, labels_prefix: str, category: str) -> list[str]:
@@ -269,7 +289,8 @@ class LabelSet:
         for record in self.records:
             digest.update(
                 json.dumps(
-                    [record.product_id, record.image, record.attributes, record.labeled_at.isoformat()],
+                    [record.product_id, record.image, record.attributes, record.labeled_at.isoformat()]
+                    + ([record.group_id] if record.group_id else []),  # digests of labels without one unchanged
                     sort_keys=True,
                 ).encode()
             )

@@ -1,9 +1,10 @@
 """Trainer services: what the Celery tasks and the CLI call. Knows S3, Redis and the registry;
 the training math itself lives in trainer.train and trainer.evaluate.
 
-- `train_category`: under a per-category Redis lock, gather the category's data
-  (trainer.category_data), train a challenger and gate it against the champion
-  (trainer.gate), publish it to the registry and promote it if it won (trainer.publish).
+- `train_category`: under a per-category Redis lock claimed per execution, gather the
+  category's data (trainer.category_data), train a challenger and gate it against the
+  champion, zero-shot included (trainer.gate), publish it to the registry and promote it if it
+  won and this execution still holds the lock (trainer.publish).
 - `import_and_trigger`: import labels, count new labels per category in Redis, enqueue a
   retrain when settings.retrain_after_labels is reached.
 - `promote_version`, `rollback_category`: operator changes to the serving version.
@@ -11,8 +12,9 @@ the training math itself lives in trainer.train and trainer.evaluate.
 
 from __future__ import annotations
 
+import json
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import structlog
@@ -24,8 +26,11 @@ from shelfsight.shared.model_factory import ClipBundle, create_clip
 from shelfsight.shared.storage import ObjectTooLarge
 from shelfsight.shared.streams import announce_model
 from shelfsight.shared.training_jobs import (
-    acquire_training_lock,
+    EXECUTION_SEPARATOR,
+    claim_training_lock,
     enqueue_training,
+    execution_lock_value,
+    holds_training_lock,
     release_training_lock,
 )
 from shelfsight.trainer.category_data import (
@@ -37,7 +42,7 @@ from shelfsight.trainer.category_data import (
 from shelfsight.trainer.evaluate import HeadSpec
 from shelfsight.trainer.gate import GateOutcome, train_and_gate
 from shelfsight.trainer.labels import LabelFileTooLarge, import_labels, label_categories
-from shelfsight.trainer.publish import promote_and_announce, publish, report_key
+from shelfsight.trainer.publish import Published, promote_and_announce, publish, report_key
 from shelfsight.trainer.resources import TrainerResources
 from shelfsight.trainer.train import Progress
 
@@ -119,6 +124,20 @@ def retrain_all(app: Celery, resources: TrainerResources) -> dict[str, Any]:
 # --- the training run -----------------------------------------------------------------------------
 
 
+class TrainingLockLost(RuntimeError):
+    """Another execution holds the category's lock now (this run stalled past the lock's TTL)."""
+
+
+def finished_key(task_id: str) -> str:
+    return f"shelfsight:train-finished:{task_id}"
+
+
+def _finished_ttl_s(resources: TrainerResources) -> int:
+    """Long enough to outlive any redelivery of the task (its visibility timeout, twice)."""
+    settings = resources.settings
+    return max(2 * settings.training_visibility_timeout_s, settings.delivery_tracking_ttl_s)
+
+
 def train_category(
     resources: TrainerResources,
     category: str,
@@ -129,32 +148,64 @@ def train_category(
 ) -> dict[str, Any]:
     """Train a challenger for `category`, gate it against the champion, publish the result.
 
-    Holds the category's training lock for `owner` (the task id) for the whole run. If another
-    owner holds it, returns {"status": "skipped", ...} without training.
+    One run per category, also across redelivery: `owner` is the task id, whose lock the
+    enqueue took; this execution claims it with a token of its own and keeps it refreshed. A
+    copy of the task redelivered while this one runs finds another token and is skipped; one
+    redelivered after this one finished finds the task's finished marker and is skipped. The
+    marker is set just before promotion, and only while the lock is held, so two executions
+    of one task can never both promote. Returns {"status": "skipped", ...} without training
+    when the lock belongs to someone else or the task already finished.
     """
     settings = resources.settings
     owner = owner or uuid.uuid4().hex
-    holder = acquire_training_lock(resources.redis, category, owner, settings.training_lock_ttl_s)
+    done = resources.redis.get(finished_key(owner))
+    if done is not None:
+        log.warning("train.already_finished", category=category, task_id=owner)
+        return {"status": "skipped", "category": category, "holder": owner,
+                "reason": f"task {owner} already ran to its end for {category}; a redelivered copy does not train "
+                          "or promote again"}
+    token = uuid.uuid4().hex
+    lock_value = execution_lock_value(owner, token)
+    holder = claim_training_lock(resources.redis, category, owner, token, settings.training_lock_ttl_s)
     if holder is not None:
         log.warning("train.locked", category=category, holder=holder)
+        same_task = holder.startswith(owner + EXECUTION_SEPARATOR)
+        what = f"another execution of task {owner}" if same_task else f"task {holder.split(EXECUTION_SEPARATOR)[0]}"
         return {"status": "skipped", "category": category,
-                "reason": f"a training for {category} is already queued or running (task {holder})",
-                "holder": holder}
+                "reason": f"a training for {category} is already queued or running ({what})",
+                "holder": holder.split(EXECUTION_SEPARATOR)[0]}
     report = progress or (lambda _: None)
 
     def progress_and_keep_lock(meta: dict[str, Any]) -> None:
         if meta.get("phase") != "step":  # refresh the TTL, so a run longer than it keeps its lock
-            acquire_training_lock(resources.redis, category, owner, settings.training_lock_ttl_s)
+            other = claim_training_lock(resources.redis, category, owner, token, settings.training_lock_ttl_s)
+            if other is not None:
+                raise TrainingLockLost(f"{category}: the training lock now belongs to {other}; this run stops")
         report(meta)
 
+    def entitled_to_promote() -> bool:
+        """Still our lock, and no other execution of this task got to its end first (atomic marker)."""
+        if not holds_training_lock(resources.redis, category, lock_value):
+            return False
+        marker = json.dumps({"token": token, "status": "promoting"})
+        if resources.redis.set(finished_key(owner), marker, nx=True, ex=_finished_ttl_s(resources)):
+            return True
+        current = resources.redis.get(finished_key(owner))
+        return current is not None and json.loads(current).get("token") == token
+
     try:
-        return _train(resources, category, caption_template, progress_and_keep_lock)
+        summary = _train(resources, category, caption_template, progress_and_keep_lock, entitled_to_promote)
+        resources.redis.set(finished_key(owner), json.dumps({"token": token, "status": summary["status"],
+                                                              "version": summary["version"]}),
+                            ex=_finished_ttl_s(resources))
+        return summary
     finally:
-        release_training_lock(resources.redis, category, owner)
+        release_training_lock(resources.redis, category, lock_value)
 
 
 def _train(
-    resources: TrainerResources, category: str, caption_template: str | None, progress: Progress
+    resources: TrainerResources, category: str, caption_template: str | None, progress: Progress,
+    entitled: Callable[[], bool],
 ) -> dict[str, Any]:
     """One run, lock held: gather data, train and gate, publish; returns the run's summary."""
     spec = head_spec(resources.taxonomy, category, caption_template)
@@ -162,33 +213,37 @@ def _train(
     bundle, data = _gather_data(resources, category, spec)
     outcome = train_and_gate(resources, category, spec, bundle, data, progress)
     progress({"phase": "uploading"})
-    version = publish(resources, category, caption_template, spec, bundle, data, outcome)
-    return _run_summary(resources, category, version, data, outcome)
+    published = publish(resources, category, caption_template, spec, bundle, data, outcome, entitled)
+    return _run_summary(resources, category, published, data, outcome)
 
 
 def _gather_data(resources: TrainerResources, category: str, spec: HeadSpec) -> tuple[ClipBundle, TrainingData]:
     """The base model to fine-tune and the category's train/val/test images.
 
-    The model is built after the labels are checked (too few fails fast, before any model
-    load) and before the images are fetched (they decode at its input size).
+    The labels are read, their images fetched and checked, and the split extended before the
+    model is built (too few usable labels fails fast, before any model load); the images then
+    decode at its input size.
     """
     settings = resources.settings
     labels = split_labels(resources, category)
     bundle = create_clip(settings.model_arch, settings.model_weights, device=settings.device,
-                         precision="fp32", store=resources.store)
+                         precision="fp32", store=resources.store, image_size=settings.train_image_size or None)
     return bundle, fetch_training_data(resources, category, labels, spec, draft_size=bundle.image_size)
 
 
 def _run_summary(
-    resources: TrainerResources, category: str, version: str, data: TrainingData, outcome: GateOutcome
+    resources: TrainerResources, category: str, published: Published, data: TrainingData, outcome: GateOutcome
 ) -> dict[str, Any]:
     """What the train task returns (and `shelfsight train --wait` prints)."""
+    bootstrap = outcome.decision_.checks.get("bootstrap", {}).get("mean", {})
     return {
-        "status": "promoted" if outcome.promote else "kept_champion",
-        "category": category, "version": version, "promoted": outcome.promote, "reason": outcome.reason,
-        "champion_version": outcome.champion_version, "test_macro_f1": outcome.challenger.macro_f1,
-        "champion_test_macro_f1": outcome.champion.macro_f1 if outcome.champion else None,
-        "splits": data.sizes, "report": report_key(resources, category, version),
+        "status": "promoted" if published.promoted else "kept_champion",
+        "category": category, "version": published.version, "promoted": published.promoted,
+        "reason": published.reason, "champion_version": outcome.champion_version,
+        "test_macro_f1": outcome.challenger.macro_f1, "champion_test_macro_f1": outcome.champion.macro_f1,
+        "macro_f1_gain_interval": [bootstrap["lower"], bootstrap["upper"]] if bootstrap else None,
+        "splits": data.sizes, "skipped_images": data.skipped, "report": report_key(resources, category,
+                                                                                   published.version),
     }
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from shelfsight.shared.clip_math import multi_attribute_loss
+from shelfsight.shared.framing import train_transform
 from shelfsight.shared.model_factory import ClipBundle
 from shelfsight.shared.settings import Settings
 from shelfsight.trainer.dataset import BalancedBatchSampler, LabeledImages
@@ -38,10 +39,9 @@ log = structlog.get_logger()
 
 Progress = Callable[[dict[str, Any]], None]
 
-# Knobs that Settings does not carry: production always trains with these values; the
-# learning-curve benchmark and tests override them through TrainConfig.from_settings.
+# Knobs that Settings does not carry: production always trains with these values; tests
+# override them through TrainConfig.from_settings. (The learning-curve benchmark leaves them.)
 HEAD_LR_SCALE = 1.0
-AUGMENT = True
 FREEZE_BATCHNORM = True
 
 
@@ -62,12 +62,21 @@ class TrainConfig:
     """LR multiplier for the text tower, both projections and the logit scale. A value > 1
     helps when the text tower starts from random init (the offline default model)."""
     augment: bool
-    """Apply the bundle's preprocess_train (random resized crop) to training images; False
+    """Random resized crops of the letterboxed image (shared.framing.train_transform); False
     preprocesses each training image once with the eval transform (faster on CPU)."""
+    crop_scale: float
+    """Smallest random crop area, with augment."""
+    flip: bool
+    """Random horizontal flips, with augment."""
     freeze_batchnorm: bool
     """Keep BatchNorm running statistics frozen (pretrained ones); small batches make them noisy."""
     steps_per_epoch: int | None
-    """None: ceil(len(train) / batch_size)."""
+    """None: max(min_steps_per_epoch, ceil(len(train) / batch_size))."""
+    min_steps_per_epoch: int
+    sampler_power: float
+    """Sampler tempering (trainer.dataset.balanced_weights)."""
+    sampler_max_ratio: float | None
+    """Cap on any image's draws relative to uniform sampling."""
     eval_batch_size: int
 
     @classmethod
@@ -87,9 +96,14 @@ class TrainConfig:
             "last_n_blocks": settings.train_last_n_blocks,
             "seed": settings.train_seed,
             "head_lr_scale": HEAD_LR_SCALE,
-            "augment": AUGMENT,
+            "augment": settings.train_augment,
+            "crop_scale": settings.train_crop_scale,
+            "flip": settings.train_flip,
             "freeze_batchnorm": FREEZE_BATCHNORM,
             "steps_per_epoch": None,
+            "min_steps_per_epoch": settings.train_min_steps_per_epoch,
+            "sampler_power": settings.train_sampler_power,
+            "sampler_max_ratio": settings.train_sampler_max_ratio,
             "eval_batch_size": EVAL_BATCH_SIZE,
         }
         values.update({key: value for key, value in overrides.items() if value is not None})
@@ -190,6 +204,7 @@ class _Run:
     tokens: torch.Tensor
     sampler: BalancedBatchSampler
     train_images: PreprocessedImages | None  # eval-transformed once, when not augmenting
+    augment: Callable[[Any], torch.Tensor]  # the training transform, when augmenting
     trainable: int
     steps_per_epoch: int
     total_steps: int
@@ -220,14 +235,17 @@ def _set_up(
     torch.manual_seed(config.seed)
     trainable = set_trainable(model, config.mode, config.last_n_blocks)
     optimizer = torch.optim.AdamW(param_groups(model, config.lr, config.weight_decay, config.head_lr_scale))
-    steps_per_epoch = config.steps_per_epoch or max(1, math.ceil(len(train) / config.batch_size))
+    steps_per_epoch = config.steps_per_epoch or max(config.min_steps_per_epoch, 1,
+                                                    math.ceil(len(train) / config.batch_size))
     total_steps = steps_per_epoch * config.epochs
     return _Run(
         bundle=bundle, spec=spec, train=train, config=config, optimizer=optimizer,
         scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(config.warmup_steps, total_steps)),
         tokens=bundle.tokenizer(spec.all_captions()).to(bundle.device),
-        sampler=BalancedBatchSampler(train.targets, config.batch_size, steps_per_epoch, config.seed),
+        sampler=BalancedBatchSampler(train.targets, config.batch_size, steps_per_epoch, config.seed,
+                                     config.sampler_power, config.sampler_max_ratio),
         train_images=None if config.augment else PreprocessedImages(train.images, bundle.preprocess, bundle.image_size),
+        augment=train_transform(bundle.image_size, bundle.mean, bundle.std, config.crop_scale, config.flip),
         trainable=trainable, steps_per_epoch=steps_per_epoch, total_steps=total_steps, progress=progress,
     )
 
@@ -269,7 +287,7 @@ def _train_step(run: _Run, indices: Sequence[int]) -> float:
     if run.train_images is not None:
         pixels = run.train_images.get(indices)
     else:
-        pixels = torch.stack([run.bundle.preprocess_train(run.train.images[i]) for i in indices])
+        pixels = torch.stack([run.augment(run.train.images[i]) for i in indices])
     targets = targets_tensor(run.train.targets, indices, device)
     with autocast_for(device):
         image_features = model.encode_image(pixels.to(device, non_blocking=True))

@@ -26,7 +26,7 @@ def test_fit_reduces_training_loss_and_keeps_the_best_epoch() -> None:
     data = _separable()
     before = evaluate(bundle, SPEC, data)
     steps: list[dict] = []
-    config = TrainConfig.from_settings(Settings(), epochs=4, batch_size=8, lr=1e-3, warmup_steps=2)
+    config = TrainConfig.from_settings(Settings(), epochs=4, batch_size=8, lr=1e-3, warmup_steps=2, min_steps_per_epoch=1)
     result = fit(bundle, SPEC, data, data, config, progress=steps.append)
     after = evaluate(bundle, SPEC, data)
     assert result.history[-1].train_loss < result.history[0].train_loss / 2
