@@ -268,9 +268,16 @@ def persist_test_set(
     key = registry.key(category, TEST_SETS_DIR, f"{digest}.json")
     if not with_retries(settings, key, lambda: resources.store.exists(registry.bucket, key)):
         with_retries(settings, key, lambda: resources.store.put(registry.bucket, key, body))
-    pointer = json.dumps({"key": key, "sha256": digest, "updated_at": datetime.now(UTC).isoformat()}).encode()
-    with_retries(settings, TEST_SET_POINTER, lambda: resources.store.put(
-        registry.bucket, registry.key(category, TEST_SET_POINTER), pointer))
+    pointer_key = registry.key(category, TEST_SET_POINTER)
+    try:
+        current = json.loads(with_retries(settings, pointer_key, lambda: resources.store.get(
+            registry.bucket, pointer_key).body))
+    except ObjectMissing:
+        current = {}
+    if current.get("key") != key:  # the pointer moves only when the split or the test set changed
+        pointer = json.dumps({"key": key, "sha256": digest, "previous": current.get("key"),
+                              "updated_at": datetime.now(UTC).isoformat()}).encode()
+        with_retries(settings, pointer_key, lambda: resources.store.put(registry.bucket, pointer_key, pointer))
     return key, digest
 
 

@@ -70,6 +70,9 @@ def test_labels_import_refuses_a_file_over_the_size_limit(settings: Settings, tm
 def test_train_wait_follows_a_real_worker_to_the_promoted_model(
     settings: Settings, store: S3ObjectStore, tmp_path: Path, capsys
 ) -> None:
+    # tiny random-init models and 16 products: let the gate promote what it sees (tested elsewhere)
+    settings = settings.model_copy(update={"promotion_min_test_examples": 1, "promotion_margin": -1.0,
+                                           "promotion_attribute_tolerance": 1.0})
     assert _run(settings, "labels", "import", str(_label_file(tmp_path, store, settings, 16, bad=False))) == 0
     capsys.readouterr()
     app = create_trainer_app(settings)
