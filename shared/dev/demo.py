@@ -1,7 +1,8 @@
 """`shelfsight demo`: the whole service on an embedded stack, with sample products.
 
-1. Brings up Redis, an S3 server, an extraction worker, the trainer worker and Flower.
-2. Extracts features of held-out sample products with the base model (zero-shot).
+1. Brings up Redis, an S3 server, an extraction worker, the trainer worker, Flower and the relay.
+2. Extracts features of held-out sample products with the base model (zero-shot); shows a
+   corrupt upload becoming a dead letter, and an upload flowing through the relay.
 3. Imports sample labels, trains each category on the trainer worker, and promotes it.
 4. The running worker hot-swaps to the new versions (same process, no restart); the same
    products are extracted again and scored against the images' known truth.
@@ -22,6 +23,7 @@ from shelfsight.shared.dev.samples import SampleProduct, generate_products, uplo
 from shelfsight.shared.dev.stack import start_stack
 from shelfsight.shared.enqueue import enqueue_upload
 from shelfsight.shared.events import result_key
+from shelfsight.shared.relay.demo import upload_through_relay
 from shelfsight.shared.settings import Settings
 from shelfsight.shared.storage import S3ObjectStore
 from shelfsight.shared.taxonomy import load_taxonomy
@@ -145,7 +147,8 @@ def show_dead_letter(settings: Settings, store: S3ObjectStore, timeout_s: float 
 
 def run_demo(state_dir: Path, base: Settings) -> int:
     """The `make demo` job, run against a fresh stack configured from `base`. Returns an exit code."""
-    with start_stack(state_dir, base, worker=True, trainer=True, flower=True, extra_env=DEMO_TRAINING_ENV) as stack:
+    with start_stack(state_dir, base, worker=True, trainer=True, flower=True, relay=True,
+                     extra_env=DEMO_TRAINING_ENV) as stack:
         settings = stack.client_settings(base)
         worker_pid = stack.processes["worker"].pid
         print("dev stack up:", ", ".join(f"{k}=127.0.0.1:{v}" for k, v in stack.ports.items()),
@@ -160,6 +163,13 @@ def run_demo(state_dir: Path, base: Settings) -> int:
 
         print("\n== 1b. a corrupt upload becomes a dead letter; the worker carries on")
         show_dead_letter(settings, store)
+
+        print("\n== 1c. an upload flows through the relay (PUT + storage notification → relay → worker; no enqueue call)")
+        body = store.get(settings.bucket, held_out_uris[0].split("/", 3)[3]).body
+        key = f"uploads/{held_out[0].category}/via-relay-1.jpg"
+        relayed = upload_through_relay(settings, key, body)
+        print(f"  s3://{settings.bucket}/{key} → event {relayed['event_id']} → "
+              + ", ".join(f"{a}={r['value']}" for a, r in relayed["attributes"].items()))
 
         print("\n== 2. labels: import sample labels for each category")
         labeled = [p for c, n in LABELED.items() for p in generate_products(c, n, seed=7)]
