@@ -18,14 +18,16 @@ from shelfsight.shared.settings import Settings
 def worker(settings: Settings, concurrency: int, hostname: str) -> int:
     """Run an extraction worker: threads pool (CUDA-safe), one micro-batcher per process."""
     from shelfsight.worker.app import create_worker_app
+    from shelfsight.worker.runtime import runtime_of
 
     quiet = ["--quiet"] if settings.log_format == "json" else []  # no banner: every line is JSON
-    create_worker_app(settings).start([
+    app = create_worker_app(settings)
+    app.start([
         *quiet, "worker", "--pool", "threads", "--concurrency", str(concurrency or settings.effective_concurrency()),
         "--queues", settings.extract_queue, "--hostname", hostname,
         "--without-mingle", "--without-gossip", "--loglevel", settings.log_level,
     ])
-    return 0
+    return 1 if runtime_of(app).startup_failed else 0  # Celery's own exit code does not come back
 
 
 @click.command("dead-letters")

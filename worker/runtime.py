@@ -68,6 +68,7 @@ class WorkerRuntime:
         self._lock = threading.Lock()
         self._service: ExtractionService | None = None
         self._dead_letters: DeadLetterWriter | None = None
+        self.startup_failed = False  # set by BuildService: `shelfsight worker` then exits 1
 
     def build(self) -> ExtractionService:
         """Build the service now (the bootstep calls this before consuming); errors propagate."""
@@ -126,6 +127,7 @@ class BuildService(bootsteps.StartStopStep):
         try:
             runtime.build().models.base_bundle()
         except Exception as exc:
+            runtime.startup_failed = True
             log.critical("worker.cannot_start", error=f"{type(exc).__name__}: {exc}")
             raise
 

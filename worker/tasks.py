@@ -65,10 +65,11 @@ def extract(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
 def _retry(task: Task, outcome: Outcome, reason: str) -> None:
     """Publish a retry due in `outcome.retry_in`, or put the original back if that fails."""
     delay = outcome.retry_in or 1.0
+    metrics.REQUEUED.labels(reason=reason).inc()
     try:
         raise task.retry(countdown=delay)
     except Reject as rejected:  # the retry message could not be published: keep the original
-        _requeue(task, reason, delay, f"retry not published: {rejected.reason}")
+        _requeue(task, "retry_not_published", delay, f"{reason}; retry not published: {rejected.reason}")
 
 
 def _requeue(task: Task, reason: str, delay: float, error: str) -> NoReturn:
