@@ -154,12 +154,16 @@ class CpuMeter:
 
 
 @contextlib.contextmanager
-def py_spy(out_path: Path | None, pids: Sequence[int]) -> Iterator[list[Path]]:
-    """Sample this process (and moto) with py-spy while the block runs; raw collapsed stacks."""
+def py_spy(out_path: Path | None, pids: Sequence[int], *, gil: bool = False) -> Iterator[list[Path]]:
+    """Sample this process (and moto) with py-spy while the block runs; raw collapsed stacks.
+
+    `gil`: sample only the thread holding the GIL (where Python CPU goes; native torch threads and
+    threads waiting for the GIL are left out)."""
     files: list[Path] = []
     procs: list[subprocess.Popen[bytes]] = []
     fallback = "/tmp/pyspy/bin/py-spy"  # noqa: S108 - read only: where a pip --target install of py-spy may sit
-    exe = shutil.which("py-spy") or (fallback if Path(fallback).exists() else None)
+    beside = Path(sys.executable).with_name("py-spy")  # a venv's bin/, not necessarily on PATH
+    exe = shutil.which("py-spy") or next((str(p) for p in (beside, Path(fallback)) if p.exists()), None)
     if out_path is None or exe is None:
         if out_path is not None:
             say("py-spy not found (pip install py-spy); no profile taken")
@@ -168,7 +172,7 @@ def py_spy(out_path: Path | None, pids: Sequence[int]) -> Iterator[list[Path]]:
     for pid in pids:
         path = out_path.with_name(f"{out_path.stem}-{pid}.txt")
         procs.append(subprocess.Popen([exe, "record", "--pid", str(pid), "--format", "raw", "--rate", "50",
-                                       "--nonblocking", "--threads", "-o", str(path)],
+                                       "--nonblocking", "--threads", *(["--gil"] if gil else []), "-o", str(path)],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
         _children.append(procs[-1])
         files.append(path)
