@@ -101,6 +101,13 @@ class Settings(BaseSettings):
         "request for a new product, and safe against racing workers. Turn off for S3-compatible "
         "stores without them; then a GET precedes every PUT.",
     )
+    s3_light_client: bool = Field(
+        True,
+        description="Extraction workers send each event's image GET and result PUT as SigV4-signed "
+        "urllib3 requests (about a third of boto3's CPU per request), with boto3's credentials, "
+        "endpoint, retries and errors; other requests use boto3. Off: boto3 for everything. Off by "
+        "itself when a proxy applies to the endpoint.",
+    )
 
     # --- inputs limits ------------------------------------------------------------------------
     max_image_bytes: int = Field(
