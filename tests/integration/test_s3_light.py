@@ -1,0 +1,83 @@
+"""The light S3 path against a real S3 endpoint (moto server), directly and behind the fault
+proxy: the same contract, the same errors and retries as the boto3 store."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from shelfsight.shared.dev.faults import FaultProxy
+from shelfsight.shared.settings import Settings
+from shelfsight.shared.storage import (
+    AccessDenied,
+    ObjectMissing,
+    ObjectTooLarge,
+    S3ObjectStore,
+    TransientStorageError,
+)
+from shelfsight.worker.s3_light import LightS3ObjectStore
+from tests.storage_contract import check_conditional_writes, check_put_get_list_delete
+
+
+@pytest.fixture
+def light(settings: Settings) -> LightS3ObjectStore:
+    return LightS3ObjectStore(settings)
+
+
+@pytest.fixture
+def proxied(settings: Settings) -> Iterator[tuple[FaultProxy, LightS3ObjectStore]]:
+    with FaultProxy(settings.s3_endpoint_url or "") as proxy:
+        yield proxy, LightS3ObjectStore(settings.model_copy(update={
+            "s3_endpoint_url": proxy.url, "s3_read_timeout_s": 0.5, "s3_retries": 3,
+        }))
+
+
+def test_contract(light: LightS3ObjectStore, settings: Settings) -> None:
+    assert light.light
+    check_put_get_list_delete(light, settings.bucket)
+    check_conditional_writes(light, settings.bucket)
+
+
+def test_same_bytes_and_etags_as_boto3(light: LightS3ObjectStore, store: S3ObjectStore, settings: Settings) -> None:
+    key = "uploads/a b/ü+x=1&y~z.jpg"  # every character class the path encoding handles
+    etag = light.put(settings.bucket, key, b"\xff\xd8\xff" + bytes(range(256)) * 100, "image/jpeg")
+    by_boto = store.get(settings.bucket, key)
+    assert by_boto.etag == etag and light.get(settings.bucket, key) == by_boto
+    store.put(settings.bucket, "r.json", b"{}")
+    assert light.get(settings.bucket, "r.json") == store.get(settings.bucket, "r.json")
+    with pytest.raises(ObjectMissing):
+        light.get(settings.bucket, "nothing/here.jpg")
+    with pytest.raises(ObjectMissing):
+        light.get(f"{settings.bucket}-absent", "k")
+    with pytest.raises(ObjectTooLarge):
+        light.get(settings.bucket, key, max_bytes=100)
+
+
+def test_transient_errors_are_retried_then_raised(proxied: tuple[FaultProxy, LightS3ObjectStore],
+                                                 settings: Settings) -> None:
+    proxy, light = proxied
+    light.put(settings.bucket, "k.json", b"{}")
+    proxy.set("error_503", count=2)  # two failures, then the third attempt passes
+    assert light.get(settings.bucket, "k.json").body == b"{}"
+    assert proxy.counts["error_503"] == 2
+    for mode in ("error_503", "reset", "slow"):
+        proxy.set(mode, slow_s=1.0)
+        before = sum(proxy.counts.values())
+        with pytest.raises(TransientStorageError) as raised:
+            light.put(settings.bucket, "k.json", b"[]", if_none_match=True)
+        assert not isinstance(raised.value, AccessDenied)
+        assert sum(proxy.counts.values()) - before == 3, mode  # s3_retries attempts in all
+    proxy.clear()
+    assert light.get(settings.bucket, "k.json").body == b"{}"  # nothing was written meanwhile
+
+
+def test_denied_is_raised_at_once_as_access_denied(proxied: tuple[FaultProxy, LightS3ObjectStore],
+                                                   settings: Settings) -> None:
+    proxy, light = proxied
+    proxy.set("deny")
+    started = time.monotonic()
+    with pytest.raises(AccessDenied):
+        light.get(settings.bucket, "k.json")
+    assert proxy.counts["deny"] == 1 and time.monotonic() - started < 1.0

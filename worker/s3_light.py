@@ -1,0 +1,296 @@
+"""A light S3 client for the two requests every event makes: GET the image, PUT the result.
+
+boto3 costs about 2.2 ms of CPU per request here (event hooks, endpoint rules, serializers,
+parsers, retry handlers), twice per image: more than half of the worker's plumbing per image
+(docs/performance.md). `LightS3ObjectStore` sends those two requests itself: SigV4 signed by
+hand (the signing key is derived once per day), over one urllib3 connection pool, with the
+same error vocabulary (`shelfsight.shared.storage`), the same retry budget and timeouts as the
+boto3 client. Everything else (exists, list, delete, buckets) goes to the boto3 store it wraps.
+
+What it takes from boto3, so that both agree: the credentials (the default chain, refreshed
+when they are temporary: instance roles, web identity, SSO), the resolved endpoint URL and
+region, and the CA bundle. Requests are path-style, as the boto3 client is configured
+(`s3={"addressing_style": "path"}`). When a proxy applies to the endpoint (HTTP(S)_PROXY), the
+light path steps aside and boto3 serves every request; `SHELFSIGHT_S3_LIGHT_CLIENT=false` does
+the same on purpose (an S3-compatible store that needs something only boto3 does).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import random
+import re
+import time
+import urllib.request
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import boto3
+import structlog
+import urllib3
+from botocore.config import Config
+from botocore.exceptions import ClientError, NoCredentialsError
+from botocore.httpsession import get_cert_path
+
+from shelfsight.shared.settings import Settings
+from shelfsight.shared.storage import (
+    AccessDenied,
+    ObjectStore,
+    ObjectTooLarge,
+    S3ObjectStore,
+    StorageError,
+    StoredObject,
+    TransientStorageError,
+    _translate,
+)
+
+log = structlog.get_logger()
+
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+_ERROR_CODE = re.compile(rb"<Code>([^<]{1,100})</Code>")
+_RETRY_CAP_S = 20.0  # botocore's standard mode caps its backoff here too
+_RETRIED_400 = frozenset({"RequestTimeout", "Throttling", "ThrottlingException", "SlowDown", "TooManyRequests"})
+_UNSIGNED = frozenset({"user-agent", "expect", "x-amzn-trace-id"})  # as botocore leaves them out
+
+
+def _hmac(key: bytes, text: str) -> bytes:
+    return hmac.new(key, text.encode(), hashlib.sha256).digest()
+
+
+class SigV4Signer:
+    """AWS Signature Version 4 for S3 request headers (the `Authorization` header form).
+
+    Signs every header it is given, plus `host`, `x-amz-date`, `x-amz-content-sha256` and, with
+    temporary credentials, `x-amz-security-token`; the canonical URI is not normalised, as S3
+    requires. The derived signing key is cached per (secret, date, region).
+    """
+
+    def __init__(self, region: str, service: str = "s3") -> None:
+        self.region = region
+        self.service = service
+        self._key: tuple[tuple[str, str], bytes] | None = None
+
+    def _signing_key(self, secret: str, day: str) -> bytes:
+        cached = self._key
+        if cached is not None and cached[0] == (secret, day):
+            return cached[1]
+        key = _hmac(f"AWS4{secret}".encode(), day)
+        for part in (self.region, self.service, "aws4_request"):
+            key = _hmac(key, part)
+        self._key = ((secret, day), key)
+        return key
+
+    def sign(self, method: str, host: str, path: str, headers: dict[str, str], payload_sha256: str,
+             access_key: str, secret_key: str, token: str | None, now: datetime) -> dict[str, str]:
+        """`headers` plus the date, payload hash, token and Authorization headers.
+
+        `path` is the URI path as sent (already percent-encoded); the query string is empty.
+        """
+        stamp = now.strftime("%Y%m%dT%H%M%SZ")
+        day = stamp[:8]
+        signed = {k.lower(): " ".join(str(v).split()) for k, v in headers.items() if k.lower() not in _UNSIGNED}
+        signed["host"] = host
+        signed["x-amz-date"] = stamp
+        signed["x-amz-content-sha256"] = payload_sha256
+        if token:
+            signed["x-amz-security-token"] = token
+        names = sorted(signed)
+        canonical = "\n".join([
+            method, path, "", *(f"{name}:{signed[name]}" for name in names), "", ";".join(names), payload_sha256,
+        ])
+        scope = f"{day}/{self.region}/{self.service}/aws4_request"
+        to_sign = "\n".join(["AWS4-HMAC-SHA256", stamp, scope, hashlib.sha256(canonical.encode()).hexdigest()])
+        signature = hmac.new(self._signing_key(secret_key, day), to_sign.encode(), hashlib.sha256).hexdigest()
+        out = dict(headers)
+        out.update({"X-Amz-Date": stamp, "X-Amz-Content-SHA256": payload_sha256})
+        if token:
+            out["X-Amz-Security-Token"] = token
+        out["Authorization"] = (f"AWS4-HMAC-SHA256 Credential={access_key}/{scope}, "
+                                f"SignedHeaders={';'.join(names)}, Signature={signature}")
+        return out
+
+
+def object_path(base_path: str, bucket: str, key: str) -> str:
+    """Path-style request path, percent-encoded once (S3's canonical URI is not normalised)."""
+    return f"{base_path.rstrip('/')}/{quote(bucket, safe='')}/{quote(key, safe='/~')}"
+
+
+def host_header(url: str) -> str:
+    """The Host header urllib3 sends for `url` (and botocore signs): no default port."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:  # an IPv6 literal
+        host = f"[{host}]"
+    default_port = {"http": 80, "https": 443}.get(parts.scheme)
+    return host if parts.port in (None, default_port) else f"{host}:{parts.port}"
+
+
+class _Unusual(Exception):
+    """A response the light path does not interpret (a redirect to another region, a 400 it
+    has no mapping for): the request is sent again through boto3, which knows them all."""
+
+
+def proxy_applies(url: str) -> bool:
+    """True when the environment's proxy settings would route `url` through a proxy."""
+    parts = urlsplit(url)
+    proxies = urllib.request.getproxies()
+    if not proxies.get(parts.scheme):
+        return False
+    return not urllib.request.proxy_bypass(parts.hostname or "")
+
+
+class LightS3ObjectStore:
+    """ObjectStore whose get/put are signed urllib3 requests; the rest is the wrapped boto3 store.
+
+    Thread-safe: one urllib3 pool (`s3_max_pool_connections` connections per host), one signer.
+    """
+
+    def __init__(self, settings: Settings, fallback: S3ObjectStore | None = None) -> None:
+        self.settings = settings
+        self.fallback = fallback or S3ObjectStore(settings)
+        session = boto3.session.Session(
+            aws_access_key_id=settings.s3_access_key_id.get_secret_value() if settings.s3_access_key_id else None,
+            aws_secret_access_key=(settings.s3_secret_access_key.get_secret_value()
+                                   if settings.s3_secret_access_key else None),
+            region_name=settings.s3_region,
+        )
+        # Endpoint, region and CA bundle resolved by botocore itself, as for the boto3 store.
+        client = session.client("s3", endpoint_url=settings.s3_endpoint_url or None,
+                                config=Config(s3={"addressing_style": "path"}))
+        self._credentials = session.get_credentials()
+        self.endpoint = client.meta.endpoint_url
+        parts = urlsplit(self.endpoint)
+        self._scheme, self._base_path, self._host = parts.scheme, parts.path, host_header(self.endpoint)
+        self._signer = SigV4Signer(client.meta.region_name or settings.s3_region)
+        self._attempts = max(1, settings.s3_retries)
+        cert_kwargs: dict[str, Any] = {}
+        if self._scheme == "https":  # the CA bundle botocore uses: AWS_CA_BUNDLE, else its default
+            cert_kwargs = {"cert_reqs": "CERT_REQUIRED",
+                           "ca_certs": get_cert_path(os.environ.get("AWS_CA_BUNDLE") or True)}
+        self._pool = urllib3.PoolManager(
+            num_pools=4, maxsize=max(1, settings.s3_max_pool_connections), block=False, retries=False,
+            timeout=urllib3.Timeout(connect=settings.s3_connect_timeout_s, read=settings.s3_read_timeout_s),
+            **cert_kwargs,
+        )
+        self.light = settings.s3_light_client and not proxy_applies(self.endpoint)
+        if settings.s3_light_client and not self.light:
+            log.info("s3.light_client_off", reason="a proxy applies to the endpoint", endpoint=self.endpoint)
+
+    # --- the hot path -----------------------------------------------------------------------
+    def get(self, bucket: str, key: str, max_bytes: int | None = None) -> StoredObject:
+        if not self.light:
+            return self.fallback.get(bucket, key, max_bytes)
+        path = object_path(self._base_path, bucket, key)
+        try:
+            response = self._request("GET", path, {}, b"", EMPTY_SHA256, bucket, key, preload=False)
+        except _Unusual as unusual:
+            log.warning("s3.light_client_deferred", request="GET", reason=str(unusual))
+            return self.fallback.get(bucket, key, max_bytes)
+        try:
+            length = int(response.headers.get("Content-Length", "0") or 0)
+            if max_bytes is not None and length > max_bytes:
+                raise ObjectTooLarge(f"s3://{bucket}/{key} is {length} bytes; the limit is {max_bytes}")
+            try:
+                data = response.read() if max_bytes is None else response.read(max_bytes + 1)
+            except (urllib3.exceptions.HTTPError, OSError) as exc:  # body cut short: retried by the caller
+                raise TransientStorageError(f"s3://{bucket}/{key}: {type(exc).__name__}") from exc
+            if max_bytes is not None and len(data) > max_bytes:
+                raise ObjectTooLarge(f"s3://{bucket}/{key} exceeds {max_bytes} bytes")
+            return StoredObject(body=data, etag=str(response.headers.get("ETag", "")).strip('"'))
+        finally:
+            response.release_conn()
+
+    def put(
+        self, bucket: str, key: str, body: bytes, content_type: str = "application/json",
+        *, if_none_match: bool = False, if_match: str | None = None,
+    ) -> str:
+        if not self.light:
+            return self.fallback.put(bucket, key, body, content_type, if_none_match=if_none_match, if_match=if_match)
+        headers = {"Content-Type": content_type, "Content-Length": str(len(body))}
+        if if_none_match:
+            headers["If-None-Match"] = "*"
+        if if_match:
+            headers["If-Match"] = f'"{if_match}"'
+        path = object_path(self._base_path, bucket, key)
+        try:
+            response = self._request("PUT", path, headers, body, hashlib.sha256(body).hexdigest(), bucket, key)
+        except _Unusual as unusual:
+            log.warning("s3.light_client_deferred", request="PUT", reason=str(unusual))
+            return self.fallback.put(bucket, key, body, content_type, if_none_match=if_none_match,
+                                     if_match=if_match)
+        return str(response.headers.get("ETag", "")).strip('"')
+
+    # --- everything else: boto3 -------------------------------------------------------------
+    def exists(self, bucket: str, key: str) -> bool:
+        return self.fallback.exists(bucket, key)
+
+    def list_keys(self, bucket: str, prefix: str) -> list[str]:
+        return self.fallback.list_keys(bucket, prefix)
+
+    def delete(self, bucket: str, key: str) -> None:
+        self.fallback.delete(bucket, key)
+
+    def ensure_bucket(self, bucket: str) -> None:
+        self.fallback.ensure_bucket(bucket)
+
+    # --- one request, with botocore's retry budget ------------------------------------------
+    def _request(self, method: str, path: str, headers: dict[str, str], body: bytes, payload_sha256: str,
+                 bucket: str, key: str, *, preload: bool = True) -> urllib3.BaseHTTPResponse:
+        """Send, retrying transient failures (5xx, throttling, timeouts, resets) up to
+        `s3_retries` attempts in all, with full-jitter exponential backoff; anything else is
+        raised at once as the storage error boto3's store would raise."""
+        url = f"{self._scheme}://{self._host}{path}"
+        for attempt in range(1, self._attempts + 1):
+            try:
+                return self._send_once(method, url, path, headers, body, payload_sha256, bucket, key, preload)
+            except AccessDenied:
+                raise
+            except TransientStorageError:
+                if attempt >= self._attempts:
+                    raise
+                time.sleep(random.uniform(0, min(_RETRY_CAP_S, 2 ** (attempt - 1))))  # noqa: S311 - jitter
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _send_once(self, method: str, url: str, path: str, headers: dict[str, str], body: bytes,
+                   payload_sha256: str, bucket: str, key: str, preload: bool) -> urllib3.BaseHTTPResponse:
+        credentials = self._credentials.get_frozen_credentials() if self._credentials is not None else None
+        if credentials is None or not credentials.access_key:
+            raise StorageError(f"s3://{bucket}/{key}: {NoCredentialsError()}")
+        signed = self._signer.sign(method, self._host, path, headers, payload_sha256, credentials.access_key,
+                                   credentials.secret_key, credentials.token, datetime.now(UTC))
+        try:
+            response = self._pool.request(method, url, body=body or None, headers=signed,
+                                          preload_content=preload, redirect=False)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:  # connect/read timeout, reset, refused
+            raise TransientStorageError(f"s3://{bucket}/{key}: {type(exc).__name__}") from exc
+        if response.status < 300:
+            return response
+        try:
+            data = response.data if preload else response.read(64 * 1024)
+        except (urllib3.exceptions.HTTPError, OSError):
+            data = b""
+        finally:
+            if not preload:
+                response.release_conn()
+        match = _ERROR_CODE.search(data or b"")
+        code = match.group(1).decode("ascii", "replace") if match else ""
+        if 300 <= response.status < 400 or (response.status == 400 and code not in _RETRIED_400):
+            raise _Unusual(f"{response.status} {code}".strip())
+        error = ClientError({"Error": {"Code": code, "Message": ""},
+                             "ResponseMetadata": {"HTTPStatusCode": response.status}},
+                            "GetObject" if method == "GET" else "PutObject")
+        translated = _translate(error, bucket, key)
+        if code in _RETRIED_400 or response.status == 429:
+            translated = TransientStorageError(f"s3://{bucket}/{key}: {code or response.status}")
+        raise translated from error
+
+
+def worker_object_store(settings: Settings) -> ObjectStore:
+    """The extraction worker's store: the light client for get/put unless turned off."""
+    store = S3ObjectStore(settings)
+    if not settings.s3_light_client:
+        return store
+    return LightS3ObjectStore(settings, fallback=store)
