@@ -30,6 +30,7 @@ from shelfsight.worker.dead_letters import DeadLetterWriter
 from shelfsight.worker.delivery import RedisDeliveryTracker
 from shelfsight.worker.extractor import ExtractionService
 from shelfsight.worker.model_cache import ModelCache
+from shelfsight.worker.s3_light import worker_object_store
 
 log = structlog.get_logger()
 
@@ -44,7 +45,7 @@ def build_extraction_service(settings: Settings, *, background: bool = True) -> 
         import torch
 
         torch.set_num_threads(settings.torch_threads)
-    store = S3ObjectStore(settings)
+    store = worker_object_store(settings)  # image GET and result PUT on the light path
     client = redis_client(settings)
     taxonomy = load_taxonomy(settings.taxonomy_path)
     models = ModelCache(settings, taxonomy, store, ModelRegistry(store, settings.bucket, settings.models_prefix))
