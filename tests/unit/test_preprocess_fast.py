@@ -1,0 +1,51 @@
+"""The worker's CPU preprocessing (framing.preprocess_pil: torch's uint8 resize) computes what the
+trainer's eval_transform (PIL's resize) computes, on real photos, in pixels and in features."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from matplotlib import cbook
+from PIL import Image
+
+from shelfsight.shared import framing
+from shelfsight.shared.imaging import decode_image
+from shelfsight.shared.model_factory import create_clip
+
+LIMITS = {"max_bytes": 1 << 26, "max_pixels": 1 << 28}
+
+
+def _jpeg(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def photos() -> dict[str, Image.Image]:
+    with Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)) as image:
+        hopper = image.convert("RGB")
+    shapes = {"400 square": (400, 400), "512x600": (512, 600), "wide 1001x333": (1001, 333), "small 150": (150, 150)}
+    out = {}
+    for name, size in shapes.items():  # decoded as the worker decodes uploads (draft included)
+        out[name] = decode_image(_jpeg(hopper.resize(size, Image.BICUBIC)), draft_size=224, **LIMITS)
+    out["grey L"] = hopper.convert("L").resize((300, 200))
+    return out
+
+
+def test_preprocess_pil_matches_eval_transform_in_pixels_and_features(photos: dict[str, Image.Image]) -> None:
+    bundle = create_clip("shelfsight-effnet-lite0", "imagenet-tower")  # real weights: meaningful features
+    std = torch.tensor(bundle.std).view(3, 1, 1)
+    fast = [framing.preprocess_pil(image, bundle.image_size, bundle.mean, bundle.std) for image in photos.values()]
+    slow = [bundle.preprocess(image) for image in photos.values()]
+    for name, f, s in zip(photos, fast, slow, strict=True):
+        assert f.shape == s.shape == (3, bundle.image_size, bundle.image_size), name
+        levels = ((f - s) * std).abs() * 255
+        assert float(levels.max()) <= 1.01, (name, float(levels.max()))  # one 8-bit level at most
+        assert float(levels.mean()) < 0.05, (name, float(levels.mean()))
+    with torch.no_grad():
+        cosine = torch.nn.functional.cosine_similarity(bundle.model.encode_image(torch.stack(fast)),
+                                                       bundle.model.encode_image(torch.stack(slow)))
+    assert float(cosine.min()) > 0.9999
