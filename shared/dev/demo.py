@@ -181,9 +181,11 @@ def run_demo(state_dir: Path, base: Settings) -> int:
         versions: dict[str, str] = {}
         for category in LABELED:
             outcome = _train(settings, category)
-            versions[category] = outcome["version"]
+            if outcome["promoted"]:  # the gate (vs zero-shot) may refuse it: then zero-shot keeps serving
+                versions[category] = outcome["version"]
             print(f"  {category}: {outcome['status']} {outcome['version']} (test macro-F1 "
                   f"{outcome['test_macro_f1']:.3f} on {outcome['splits'].get('test', '?')} frozen test images)")
+            print(f"    gate: {outcome['reason']}")
 
         print("\n== 4. the running worker hot-swaps to the promoted versions")
         for category, version in versions.items():
