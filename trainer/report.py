@@ -89,13 +89,23 @@ def comparison_plot(challenger: dict[str, Any], champion: dict[str, Any] | None,
     return _png(fig)
 
 
+def _gain_line(decision: dict[str, Any]) -> str:
+    """The gate's evidence under the title: gain and its bootstrap interval, and the verdict."""
+    mean = (decision.get("bootstrap") or {}).get("mean")
+    if not mean:
+        return f"\n{'promoted' if decision.get('promoted') else 'not promoted'}"
+    return (f"\nvs {decision.get('champion_version')}: gain {mean['delta']:+.3f} "
+            f"[{mean['lower']:+.3f}, {mean['upper']:+.3f}], {'promoted' if decision.get('promoted') else 'not promoted'}")
+
+
 def render_report(report: dict[str, Any]) -> dict[str, tuple[bytes, str]]:
     """report.json and every plot, as {file name: (bytes, content type)}."""
     title = f"{report['category']} {report['version']}"
     files: dict[str, tuple[bytes, str]] = {
         LOSS_PLOT: (loss_curves(report["training"]["history"], report["training"]["best_epoch"], title), "image/png"),
         COMPARISON_PLOT: (
-            comparison_plot(report["test"]["challenger"], report["test"].get("champion"), title),
+            comparison_plot(report["test"]["challenger"], report["test"].get("champion"),
+                            title + _gain_line(report.get("decision") or {})),
             "image/png",
         ),
     }
