@@ -27,6 +27,9 @@ TRAINER_TASK_MODULE = "shelfsight.trainer.tasks"
 # multi-hour training is never restored by an extraction worker's short timeout, and extraction
 # never waits for training's long one.
 TRAINING_UNACKED_KEY = "unacked-training"
+# kombu's Redis transport loses a message popped by a consumer that dies before recording it;
+# this one pops into a per-consumer in-flight list first (see shelfsight.shared.redis_transport).
+CRASH_SAFE_REDIS_TRANSPORT = "shelfsight.shared.redis_transport:Transport"
 
 ConsumerKind = Literal["extract", "training"]
 
@@ -44,6 +47,10 @@ def broker_transport_options(settings: Settings, kind: ConsumerKind = "extract")
         # kombu sweeps every interval x throttle seconds (100 s by default): a tenth of the timeout
         "unacked_restore_interval": max(1, min(60, visibility // 10)),
         "unacked_restore_throttle": 1,
+        # a consumer killed during a sweep holds the sweep's lock until it expires (300 s by default)
+        "unacked_mutex_expire": max(5, min(300, visibility // 4)),
+        # the crash-safe transport's heartbeat: a dead consumer's in-flight messages come back after it
+        "inflight_alive_s": max(5, min(60, visibility // 4)),
         "socket_timeout": settings.broker_socket_timeout_s,
         "socket_connect_timeout": settings.broker_connect_timeout_s,
         "socket_keepalive": True,
@@ -68,6 +75,8 @@ def create_celery_app(
     if kind is None:
         kind = "training" if TRAINER_TASK_MODULE in tasks else "extract"
     app = Celery("shelfsight", broker=settings.broker_url, backend=settings.result_backend)
+    if settings.broker_url.startswith("redis://"):
+        app.conf.broker_transport = CRASH_SAFE_REDIS_TRANSPORT
     app.conf.update(
         # Safe by default: nothing but JSON crosses the broker.
         task_serializer="json",
