@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 IGNORE = -100  # as shelfsight.shared.clip_math.IGNORE (kept local: this module is numpy only)
-_CHUNK = 256  # resamples per matrix product (bounds memory at ~ _CHUNK x products floats)
+_CHUNK = 256  # resamples at a time (bounds memory at ~ _CHUNK x products floats)
 
 
 @dataclass(frozen=True)
@@ -64,9 +64,12 @@ def _confusions(weights: np.ndarray, targets: np.ndarray, predicted: np.ndarray 
     if predicted is None:
         return np.zeros((weights.shape[0], classes, classes))
     labeled = targets != IGNORE
-    cells = np.zeros((len(targets), classes * classes))
-    cells[np.flatnonzero(labeled), targets[labeled] * classes + predicted[labeled]] = 1.0
-    return (weights @ cells).reshape(-1, classes, classes)
+    cells = targets[labeled] * classes + predicted[labeled]
+    columns = weights[:, labeled]
+    out = np.zeros((weights.shape[0], classes * classes))
+    for cell in np.unique(cells):  # a scatter-add of each product's resample count into its cell
+        out[:, cell] = columns[:, cells == cell].sum(axis=1)
+    return out.reshape(-1, classes, classes)
 
 
 def paired_bootstrap(
