@@ -64,7 +64,7 @@ class TrainingError(Exception):
     """Training cannot run for a reason the operator can fix (too few labels, bad category)."""
 
 
-class TransientFetchError(TrainingError):
+class TransientFetchError(RuntimeError):
     """S3 kept failing (5xx, timeouts, denied credentials) after every retry: the run fails, nothing is promoted."""
 
 
