@@ -154,7 +154,7 @@ class CpuMeter:
 
 
 @contextlib.contextmanager
-def py_spy(out_path: Path | None, pids: Sequence[int], *, gil: bool = False) -> Iterator[list[Path]]:
+def py_spy(out_path: Path | None, pids: Sequence[int], *, gil: bool = False, rate: int = 50) -> Iterator[list[Path]]:
     """Sample this process (and moto) with py-spy while the block runs; raw collapsed stacks.
 
     `gil`: sample only the thread holding the GIL (where Python CPU goes; native torch threads and
@@ -171,7 +171,7 @@ def py_spy(out_path: Path | None, pids: Sequence[int], *, gil: bool = False) -> 
         return
     for pid in pids:
         path = out_path.with_name(f"{out_path.stem}-{pid}.txt")
-        procs.append(subprocess.Popen([exe, "record", "--pid", str(pid), "--format", "raw", "--rate", "50",
+        procs.append(subprocess.Popen([exe, "record", "--pid", str(pid), "--format", "raw", "--rate", str(rate),
                                        "--nonblocking", "--threads", *(["--gil"] if gil else []), "-o", str(path)],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
         _children.append(procs[-1])

@@ -40,7 +40,8 @@ def wire_payload(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return {"args": list(args), "kwargs": kwargs}
 
 
-@shared_task(bind=True, name=EXTRACT_TASK, max_retries=None, ignore_result=True, typing=False)
+@shared_task(bind=True, name=EXTRACT_TASK, max_retries=None, ignore_result=True, typing=False,
+             Request="shelfsight.worker.task_request:ExtractRequest")  # no task-started event (Flower keeps the rest)
 def extract(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """Turn one upload event into a result file or a dead letter.
 
