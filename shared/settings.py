@@ -175,6 +175,12 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(
         0, description="Worker threads; 0 means 2 × batch_size, so one batch fills while one runs."
     )
+    worker_processes: int = Field(
+        1, description="Extraction processes `shelfsight worker` runs on this machine's device, each with "
+        "its own micro-batcher and model cache (which gets model_cache_bytes / N), supervised and "
+        "restarted if one dies. Above 1 when one process's Python, not the device, is the limit: on a "
+        "GPU (docs/performance.md, choosing N)."
+    )
     worker_soft_shutdown_timeout_s: float = Field(
         15.0, description="Celery soft shutdown: on SIGQUIT (or SIGTERM with REMAP_SIGTERM=SIGQUIT, "
         "as docker/compose.yaml sets) a worker takes no new message, waits this long (always the whole "

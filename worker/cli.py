@@ -13,10 +13,27 @@ from shelfsight.shared.settings import Settings
 @click.command()
 @click.option("--concurrency", type=int, default=0,
               help="Task threads; 0 uses SHELFSIGHT_WORKER_CONCURRENCY (default 2 × batch size).")
-@click.option("--hostname", default="extract@%h", show_default=True, help="Celery node name.")
+@click.option("--hostname", default="extract@%h", show_default=True,
+              help="Celery node name (process i of several: <name>-i@<host>).")
+@click.option("--processes", type=int, default=0,
+              help="Extraction processes sharing this machine's device, supervised; 0 uses "
+                   "SHELFSIGHT_WORKER_PROCESSES (default 1).")
+@click.option("--process-index", type=int, default=None, hidden=True,
+              help="Set by the supervisor: this process is number i of --processes.")
 @pass_settings
-def worker(settings: Settings, concurrency: int, hostname: str) -> int:
+def worker(settings: Settings, concurrency: int, hostname: str, processes: int, process_index: int | None) -> int:
     """Run an extraction worker: threads pool (CUDA-safe), one micro-batcher per process."""
+    processes = processes or settings.worker_processes
+    if processes < 1 or (process_index is not None and not 0 <= process_index < processes):
+        raise click.UsageError("--processes must be at least 1, and --process-index below it")
+    if processes > 1 and process_index is None:
+        from shelfsight.worker.processes import supervise  # imports neither torch nor Celery
+
+        return supervise(settings, processes, concurrency, hostname)
+    if process_index is not None:
+        from shelfsight.worker.processes import per_process_settings
+
+        settings = per_process_settings(settings, process_index, processes)  # its share of the device
     from shelfsight.worker.app import create_worker_app
     from shelfsight.worker.runtime import runtime_of
 
