@@ -141,6 +141,12 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             self.owner._stopping.wait(self.owner.slow_s)
             self._reset()
 
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except OSError:  # the client gave up (its timeout, a reset): nothing left to answer
+            self.close_connection = True
+
     def _forward(self, body: bytes) -> None:
         conn = http.client.HTTPConnection(*self.owner.upstream, timeout=60)
         try:
