@@ -20,7 +20,7 @@ import redis
 
 from shelfsight.shared.celery_app import IMPORT_LABELS_TASK, create_celery_app
 from shelfsight.shared.dev.samples import SampleProduct, generate_products, upload_products
-from shelfsight.shared.dev.stack import start_stack
+from shelfsight.shared.dev.stack import start_stack, terminated_by_signal
 from shelfsight.shared.enqueue import enqueue_upload
 from shelfsight.shared.events import result_key
 from shelfsight.shared.relay.demo import upload_through_relay
@@ -147,8 +147,8 @@ def show_dead_letter(settings: Settings, store: S3ObjectStore, timeout_s: float 
 
 def run_demo(state_dir: Path, base: Settings) -> int:
     """The `make demo` job, run against a fresh stack configured from `base`. Returns an exit code."""
-    with start_stack(state_dir, base, worker=True, trainer=True, flower=True, relay=True,
-                     extra_env=DEMO_TRAINING_ENV) as stack:
+    with terminated_by_signal(), start_stack(state_dir, base, worker=True, trainer=True, flower=True, relay=True,
+                                             extra_env=DEMO_TRAINING_ENV) as stack:  # SIGTERM stops the stack
         settings = stack.client_settings(base)
         worker_pid = stack.processes["worker"].pid
         print("dev stack up:", ", ".join(f"{k}=127.0.0.1:{v}" for k, v in stack.ports.items()),

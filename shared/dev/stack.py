@@ -23,8 +23,11 @@ import json
 import os
 import secrets
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -56,6 +59,7 @@ log = structlog.get_logger()
 
 STATE_FILE = "state.json"
 REDIS_CONF = "redis.conf"
+REDIS_DATA = "redis-data"  # the append-only file
 REDIS_USER = "shelfsight"
 FLOWER_USER = "admin"
 S3_KEY = "test"  # moto accepts any credentials; these are the conventional dummy ones
@@ -293,6 +297,30 @@ def _lock(state_dir: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def terminated_by_signal() -> Iterator[None]:
+    """Inside the block, SIGTERM and SIGHUP raise SystemExit (128 + signal) like Ctrl-C raises
+    KeyboardInterrupt, so `finally` blocks and context managers stop the stack's processes.
+
+    Python's default for SIGTERM ends the process at once, and the stack's processes, each in
+    its own session, would outlive it. Only the main thread can install handlers; elsewhere the
+    block runs unchanged.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def start_stack(state_dir: Path, settings: Settings, *, worker: bool = True, trainer: bool = False,
                 flower: bool = True, relay: bool = False, extra_env: dict[str, str] | None = None,
                 timeout_s: float = WORKER_TIMEOUT_S) -> DevStack:
@@ -314,8 +342,9 @@ def start_stack(state_dir: Path, settings: Settings, *, worker: bool = True, tra
         _clear_stale(state_dir)
         stack = DevStack(state_dir=state_dir, bucket=extra_env.get("SHELFSIGHT_BUCKET", settings.bucket))
         try:
-            _start_all(stack, settings, extra_env, worker=worker, trainer=trainer, flower=flower, relay=relay,
-                       timeout_s=timeout_s)
+            with terminated_by_signal():  # SIGTERM while starting: stop what was started, then exit
+                _start_all(stack, settings, extra_env, worker=worker, trainer=trainer, flower=flower,
+                           relay=relay, timeout_s=timeout_s)
         except BaseException as exc:
             log.error("devstack.start_failed", error=(str(exc) or type(exc).__name__).splitlines()[0])
             try:
@@ -357,9 +386,14 @@ def _start_all(stack: DevStack, settings: Settings, extra_env: dict[str, str], *
     conf = stack.state_dir / REDIS_CONF  # the password in a 0600 file, not on redis-server's argv
     _write_private(conf, "user default off\n"
                          f"user {REDIS_USER} on >{redis_password} ~* &* +@all\n")
+    # The broker survives a Redis restart, as in production (compose runs it the same way): queued
+    # and unacked messages are in the append-only file. A new stack starts from an empty one.
+    data = stack.state_dir / REDIS_DATA
+    shutil.rmtree(data, ignore_errors=True)
+    data.mkdir(mode=0o700)
     info = _launch(stack, "redis", [
         redis_server_binary(), str(conf), "--port", str(redis_port), "--bind", "127.0.0.1",
-        "--save", "", "--appendonly", "no",
+        "--dir", str(data), "--save", "", "--appendonly", "yes", "--appendfsync", "everysec",
     ], child_env)
     broker = stack.env["SHELFSIGHT_BROKER_URL"]
     _wait(info, "answering PING", lambda: _redis_ping(broker), SERVICE_TIMEOUT_S)
