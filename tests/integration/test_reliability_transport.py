@@ -94,3 +94,29 @@ def test_the_crash_safe_transport_is_what_celery_uses(settings: Settings) -> Non
     assert create_celery_app(settings).conf.broker_transport == CRASH_SAFE_REDIS_TRANSPORT
     with create_celery_app(settings).connection_for_read() as conn:
         assert type(conn.transport).__module__ == "shelfsight.shared.redis_transport"
+
+
+def test_an_extraction_workers_sweep_never_restores_a_running_training(settings: Settings) -> None:
+    """One visibility timeout per kind: the trainer's unacked messages live in their own index."""
+    from shelfsight.shared.celery_app import broker_transport_options
+
+    short = settings.model_copy(update={"visibility_timeout_s": 1, "training_visibility_timeout_s": 1})
+    url = settings.broker_url
+    _publish(url, "training", {"task": "a multi-hour training"})
+    client = redis.Redis.from_url(url)
+    with Connection(url, transport=CRASH_SAFE_REDIS_TRANSPORT,
+                    transport_options=broker_transport_options(settings, "training")) as trainer:
+        held: list[object] = []
+        with trainer.Consumer(Queue("training", Exchange("training", "direct"), routing_key="training"),
+                              callbacks=[lambda body, message: held.append(message)], accept=["json"]):
+            trainer.drain_events(timeout=10)  # taken, running, not acked
+        assert held and client.llen("training") == 0
+        time.sleep(1.5)  # past the (shortened) extraction visibility timeout
+        with Connection(url, transport=CRASH_SAFE_REDIS_TRANSPORT,
+                        transport_options=broker_transport_options(short, "extract")) as extraction:
+            extraction.default_channel.qos.restore_visible(num=10, interval=1)
+        assert client.llen("training") == 0  # old code: one "unacked" hash, restored as if lost
+        with Connection(url, transport=CRASH_SAFE_REDIS_TRANSPORT,
+                        transport_options=broker_transport_options(short, "training")) as other_trainer:
+            other_trainer.default_channel.qos.restore_visible(num=10, interval=1)
+        assert client.llen("training") == 1  # the training index's own timeout does apply
