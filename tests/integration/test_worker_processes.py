@@ -146,8 +146,11 @@ def test_every_event_has_one_outcome_and_a_promotion_reaches_every_process(
     broker = redis.Redis.from_url(settings.broker_url)
     _wait_consuming(port)
     sent = _send(app, settings, 0, 40)
+    missing = enqueue_upload(app, product_id="gone", category="pans", image=f"s3://{settings.bucket}/uploads/pans/gone.jpg")
     entries = wait_for(lambda: len(e := _stream(settings, settings.results_stream)) >= len(sent) and e, timeout=180)
     assert Counter(e["event_id"] for e in entries) == Counter(sent)  # one outcome per event, none doubled
+    dead = wait_for(lambda: _stream(settings, settings.dead_letter_stream), timeout=60)
+    assert [(d["event_id"], d["error_code"]) for d in dead] == [(missing, "object_missing")]
     wait_for(lambda: broker.hlen("unacked") == 0 and broker.llen(settings.extract_queue) == 0, timeout=30)
     # both processes served (pans resident in each), each with its own metrics listener
     wait_for(lambda: all(_metric_or_zero(port + i, "shelfsight_resident_models") >= 1 for i in range(PROCESSES)),
@@ -159,7 +162,7 @@ def test_every_event_has_one_outcome_and_a_promotion_reaches_every_process(
     after = _send(app, settings, 40, 20)
     entries = wait_for(lambda: len(e := _stream(settings, settings.results_stream)) >= 60 and e, timeout=120)
     assert {e["model_version"] for e in entries if e["event_id"] in after} == {version}
-    assert _stream(settings, settings.dead_letter_stream) == []
+    assert len(_stream(settings, settings.dead_letter_stream)) == 1
     assert supervisor.poll() is None
     supervisor.send_signal(signal.SIGTERM)  # forwarded to every process: each shuts down cleanly
     assert supervisor.wait(timeout=90) == 0
