@@ -491,7 +491,7 @@ def _operator(world: World, plan: Plan, chaos: Chaos, action: str) -> None:
         if cli(world, plan, "models", "rollback", "pans") is not None:
             chaos.rolled_back_at = time.time()
     else:
-        chaos.training = cli(world, plan, "train", "--category", "tops", "--wait", "--timeout", "200") or {}  # type: ignore[assignment]
+        chaos.training = {"enqueued": cli(world, plan, "train", "--category", "tops")}  # type: ignore[assignment]
 
 
 # --- setup: a baseline model, a candidate, labels for the trainer ----------------------------------
@@ -532,6 +532,24 @@ def write_labels(world: World, uris: dict[str, str], rng: random.Random) -> Path
     path = world.root / "labels.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def training_outcome(world: World, timeout_s: float = 120.0) -> dict[str, Any]:
+    """What the trainer made of its run (the version's report), waiting for it a while."""
+    from shelfsight.shared.registry import ModelRegistry
+
+    registry = ModelRegistry(S3ObjectStore(world.direct), world.direct.bucket)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        versions = registry.versions("tops")
+        if versions:
+            report = json.loads(registry.store.get(world.direct.bucket,
+                                                   registry.key("tops", versions[-1], "report.json")).body)
+            decision = report.get("decision") or {}
+            return {"version": versions[-1], "promoted": decision.get("promoted"),
+                    "reason": str(decision.get("reason", ""))[:200]}
+        time.sleep(2)
+    return {"version": None, "note": f"no trained version after {timeout_s:.0f}s (see trainer.log)"}
 
 
 # --- accounting ------------------------------------------------------------------------------------
@@ -772,6 +790,8 @@ def run(plan: Plan, *, seed: int = 0, keep: bool = False, monitor: bool = False)
         log(f"sent {len(producer.sent)}; waiting for quiet")
         wait_quiet(world, producer.sent, plan.quiet_timeout_s)
         (world.root / "sent.json").write_text(json.dumps([s.__dict__ for s in producer.sent], indent=1))
+        if plan.train:
+            chaos.training.update(training_outcome(world))
         summary = account(world, producer.sent, chaos)
         summary["details"]["wall_s"] = round(time.monotonic() - started, 1)
         stop_monitor.set()
