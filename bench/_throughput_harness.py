@@ -53,6 +53,18 @@ def cleanup_children() -> None:
 atexit.register(cleanup_children)
 
 
+def register_child(proc: subprocess.Popen[bytes]) -> None:
+    """Kill `proc`'s process group at exit if it is still running then (start it in its own session)."""
+    _children.append(proc)
+
+
+def cleanup_child(proc: subprocess.Popen[bytes]) -> None:
+    """Kill `proc`'s process group now (its supervised children included) and forget it."""
+    _kill_group(proc)
+    with contextlib.suppress(ValueError):
+        _children.remove(proc)
+
+
 @dataclass
 class Services:
     redis_url: str
@@ -61,9 +73,22 @@ class Services:
     moto: subprocess.Popen[bytes]
 
 
+def _s3_command(kind: str, port: int, processes: int, log_dir: Path) -> list[str]:
+    """moto's server, or the bench's S3 stand-in (bench/_s3_standin.py: a fraction of moto's CPU per
+    request, keep-alive, several processes on one port)."""
+    if kind == "moto":
+        return [sys.executable, "-c", "import sys; from moto.server import main; main(sys.argv[1:])",
+                "-H", "127.0.0.1", "-p", str(port)]
+    if kind == "standin":
+        return [sys.executable, str(Path(__file__).with_name("_s3_standin.py")), "--port", str(port),
+                "--processes", str(processes), "--root", str(log_dir / "s3")]
+    raise ValueError(f"unknown S3 server {kind!r} (moto | standin)")
+
+
 @contextlib.contextmanager
-def services(log_dir: Path) -> Iterator[Services]:
-    """A real redis-server and a moto S3 server (its own process) on free loopback ports."""
+def services(log_dir: Path, s3: str = "moto", s3_processes: int = 1) -> Iterator[Services]:
+    """A real redis-server and an S3 server (moto or the stand-in, in their own processes) on free
+    loopback ports."""
     from shelfsight.shared.dev.processes import spawn
     from shelfsight.shared.dev.services import free_port, redis_server_binary, wait_for_port
 
@@ -77,16 +102,13 @@ def services(log_dir: Path) -> Iterator[Services]:
         )
         started.append(redis_proc)
         _children.append(redis_proc)
-        moto_proc = spawn(
-            [sys.executable, "-c", "import sys; from moto.server import main; main(sys.argv[1:])",
-             "-H", "127.0.0.1", "-p", str(s3_port)],
-            {}, log_dir / "moto.log",
-        )
+        moto_proc = spawn(_s3_command(s3, s3_port, s3_processes, log_dir), {}, log_dir / f"{s3}.log")
         started.append(moto_proc)
         _children.append(moto_proc)
         wait_for_port(redis_port, 30)
         wait_for_port(s3_port, 60)
-        say(f"redis-server pid {redis_proc.pid} on 127.0.0.1:{redis_port}; moto S3 server pid {moto_proc.pid} on 127.0.0.1:{s3_port}")
+        say(f"redis-server pid {redis_proc.pid} on 127.0.0.1:{redis_port}; {s3} S3 server pid {moto_proc.pid} "
+            f"({s3_processes if s3 == 'standin' else 1} process(es)) on 127.0.0.1:{s3_port}")
         yield Services(f"redis://127.0.0.1:{redis_port}", f"http://127.0.0.1:{s3_port}", redis_proc, moto_proc)
     finally:
         for proc in reversed(started):
@@ -97,10 +119,20 @@ def services(log_dir: Path) -> Iterator[Services]:
 
 def services_rss(svc: Services) -> dict[str, float]:
     """Resident MiB of the moto and redis-server processes."""
+
+    return {name: round(sum(p.memory_info().rss for p in process_tree(pid)) / 2**20, 1)
+            for name, pid in (("s3_server", svc.moto.pid), ("redis_server", svc.redis.pid))}
+
+
+def process_tree(pid: int) -> list:
+    """The process and its descendants (the S3 stand-in forks its workers)."""
     import psutil
 
-    return {name: round(psutil.Process(pid).memory_info().rss / 2**20, 1)
-            for name, pid in (("moto_server", svc.moto.pid), ("redis_server", svc.redis.pid))}
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
 
 
 # --- CPU accounting: seconds per process and per thread of this process ------------------------------
@@ -135,11 +167,14 @@ class CpuMeter:
                 kind = f"other:{name.split('-')[0]}"
             out[kind] = out.get(kind, 0.0) + th.user_time + th.system_time
         for label, pid in self.pids.items():
-            try:
-                times = psutil.Process(pid).cpu_times()
-                out[label] = times.user + times.system
-            except psutil.Error:
-                out[label] = 0.0
+            total = 0.0
+            for proc in process_tree(pid):
+                try:
+                    times = proc.cpu_times()
+                    total += times.user + times.system
+                except psutil.Error:
+                    continue
+            out[label] = total
         return out
 
     def start(self) -> None:
@@ -148,6 +183,17 @@ class CpuMeter:
     def stop(self) -> dict[str, float]:
         end = self._sample()
         return {k: round(v - self._start.get(k, 0.0), 2) for k, v in sorted(end.items()) if v - self._start.get(k, 0.0) > 0.005}
+
+
+PLUMBING_KINDS = ("worker.task_threads", "other:")  # Celery task threads; consumer, listeners, timers
+
+
+def plumbing_by_component(cpu_s: dict[str, float], images: int) -> dict[str, float]:
+    """CPU ms per image of the worker process outside the model forward, by thread kind (the
+    batcher lanes and torch's native threads are the model; the bench's own main thread and the
+    servers are not the worker)."""
+    return {kind: round(1000 * seconds / images, 2) for kind, seconds in sorted(cpu_s.items())
+            if images and kind.startswith(PLUMBING_KINDS)}
 
 
 # --- profile -------------------------------------------------------------------------------------------

@@ -128,6 +128,8 @@ class PhaseResult:
     batch_sizes: list[int]
     cpu_s: dict[str, float] = field(default_factory=dict)
     stage_ms: dict[str, float] = field(default_factory=dict)
+    versions: list[tuple[datetime, str]] = field(default_factory=list)  # (finished_at, model version)
+    first_enqueue: datetime | None = None
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -156,7 +158,94 @@ def no_draft_decode() -> Iterator[None]:
         extractor.decode_image = original
 
 
-class CeleryPhase:
+class _Burst:
+    """Enqueue events through a producer app and wait for their outcomes on the streams (shared by
+    the in-process and the multi-process worker phases)."""
+
+    settings: Any
+    uris: list[str]
+    label: str
+    app: Any
+    client: Any
+    store: Any
+    _seq: int = 0
+
+    def _last_ids(self) -> dict[str, str]:
+        ids = {}
+        for stream in (self.settings.results_stream, self.settings.dead_letter_stream):
+            last = self.client.xrevrange(stream, count=1)
+            ids[stream] = last[0][0].decode() if last else "0-0"
+        return ids
+
+    def run(self, n: int, *, rate: float | None = None, timeout_s: float = 900.0,
+            during: Any = None, during_after: int = 0) -> PhaseResult:
+        """Enqueue n events (all at once, or at `rate` per second); wait for n results/dead letters.
+
+        `during`: called once `during_after` events have been enqueued (the hot swap under load)."""
+        from datetime import UTC
+
+        from shelfsight.shared.enqueue import enqueue_event
+        from shelfsight.shared.events import ResultRecord, UploadEvent
+
+        cursors = self._last_ids()
+        product_ids: list[str] = []
+        tag = f"{self.label}{self._seq}"
+        self._seq += 1
+        first_enqueue = datetime.now(UTC)
+        t0 = time.perf_counter()
+        for i in range(n):
+            if rate:
+                delay = t0 + i / rate - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+            if during is not None and i == during_after:
+                during()
+            pid = f"{tag}-{i:06d}"
+            product_ids.append(pid)
+            enqueue_event(self.app, UploadEvent(product_id=pid, category=CATEGORY, image=self.uris[i % len(self.uris)]))
+        enqueued_s = time.perf_counter() - t0
+        seen = {"result": 0, "dead": 0}
+        deadline = time.monotonic() + timeout_s
+        while seen["result"] + seen["dead"] < n:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.label}: {seen} of {n} after {timeout_s}s")
+            got = self.client.xread(cursors, block=1000, count=1000)
+            for stream, entries in got or []:
+                name = stream.decode()
+                cursors[name] = entries[-1][0].decode()
+                seen["result" if name == self.settings.results_stream else "dead"] += len(entries)
+        done_wall = time.perf_counter() - t0
+        # Read every result file back (after timing) for finished_at, batch size and stage timings.
+
+        def fetch(pid: str) -> ResultRecord | None:
+            key = f"{self.settings.results_prefix}/{CATEGORY}/{pid}.json"
+            try:
+                return ResultRecord.model_validate_json(self.store.get(self.settings.bucket, key).body)
+            except Exception:  # noqa: BLE001 - a dead letter has no result file
+                return None
+
+        with ThreadPoolExecutor(16) as pool:
+            records = [r for r in pool.map(fetch, product_ids) if r is not None]
+        finished = [datetime.fromisoformat(r.timings["finished_at"]) for r in records]
+        latencies = [(f - r.submitted_at).total_seconds() * 1000 for f, r in zip(finished, records, strict=True)]
+        seconds = (max(finished) - first_enqueue).total_seconds() if finished else done_wall
+        stages = {}
+        for stage in ("fetch_ms", "decode_ms", "queue_ms", "model_ms"):
+            values = [float(r.timings[stage]) for r in records if stage in r.timings]
+            if values:
+                stages[stage] = round(statistics.median(values), 1)
+        say(f"{self.label}: {len(records)} results, {seen['dead']} dead letters, enqueue took {enqueued_s:.2f}s, "
+            f"last result after {seconds:.2f}s")
+        return PhaseResult(
+            images=len(records), seconds=seconds, img_s=len(records) / seconds if seconds > 0 else 0.0,
+            latencies_ms=latencies, dead_letters=seen["dead"],
+            batch_sizes=[int(r.timings.get("batch_size", 0)) for r in records], stage_ms=stages,
+            versions=[(f, r.model.version) for f, r in zip(finished, records, strict=True)],
+            first_enqueue=first_enqueue,
+        )
+
+
+class CeleryPhase(_Burst):
     """One in-process Celery worker (threads pool) with the real extract task, on its own Redis db."""
 
     def __init__(self, settings: Any, concurrency: int, uris: list[str], label: str) -> None:
@@ -180,6 +269,7 @@ class CeleryPhase:
                                  perform_ping_check=False, shutdown_timeout=120, loglevel="WARNING")
         self._ctx.__enter__()
         self.service = runtime_of(self.app).service
+        self.store = self.service.store
         self.service.models.get(CATEGORY)  # base model + caption features, before timing
         self._seq = 0
         return self
@@ -193,73 +283,175 @@ class CeleryPhase:
             runtime_of(self.app).shutdown()
             self.client.close()
 
-    def _last_ids(self) -> dict[str, str]:
-        ids = {}
-        for stream in (self.settings.results_stream, self.settings.dead_letter_stream):
-            last = self.client.xrevrange(stream, count=1)
-            ids[stream] = last[0][0].decode() if last else "0-0"
-        return ids
 
-    def run(self, n: int, *, rate: float | None = None, timeout_s: float = 900.0) -> PhaseResult:
-        """Enqueue n events (all at once, or at `rate` per second); wait for n results/dead letters."""
-        from datetime import UTC
+def settings_env(settings: Any) -> dict[str, str]:
+    """SHELFSIGHT_* environment variables that rebuild `settings` in a child process."""
+    import json
 
-        from shelfsight.shared.enqueue import enqueue_event
-        from shelfsight.shared.events import ResultRecord, UploadEvent
+    from pydantic import SecretStr
 
-        cursors = self._last_ids()
-        product_ids: list[str] = []
-        tag = f"{self.label}{self._seq}"
-        self._seq += 1
-        first_enqueue = datetime.now(UTC)
-        t0 = time.perf_counter()
-        for i in range(n):
-            if rate:
-                delay = t0 + i / rate - time.perf_counter()
-                if delay > 0:
-                    time.sleep(delay)
-            pid = f"{tag}-{i:06d}"
-            product_ids.append(pid)
-            enqueue_event(self.app, UploadEvent(product_id=pid, category=CATEGORY, image=self.uris[i % len(self.uris)]))
-        enqueued_s = time.perf_counter() - t0
-        seen = {"result": 0, "dead": 0}
+    env = {}
+    for name, value in settings.model_dump(exclude_defaults=True).items():
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        elif isinstance(value, list | dict):
+            value = json.dumps(value)
+        elif isinstance(value, bool):
+            value = "true" if value else "false"
+        env[f"SHELFSIGHT_{name.upper()}"] = str(value)
+    return env
+
+
+class ProcessPhase(_Burst):
+    """`shelfsight worker --processes N` as a real command (the supervisor and its N processes),
+    on its own Redis db; the bench is only the producer. CPU is taken from the process tree."""
+
+    def __init__(self, settings: Any, processes: int, uris: list[str], label: str, log_path: Any) -> None:
+        self.settings = settings
+        self.processes = processes
+        self.uris = uris
+        self.label = label
+        self.log_path = log_path
+
+    def __enter__(self) -> ProcessPhase:
+        import sys
+
+        import redis
+
+        from shelfsight.shared.celery_app import create_celery_app
+        from shelfsight.shared.dev.processes import spawn
+        from shelfsight.shared.storage import S3ObjectStore
+
+        self.app = create_celery_app(self.settings)
+        self.client = redis.Redis.from_url(self.settings.broker_url)
+        self.client.flushdb()
+        self.store = S3ObjectStore(self.settings)
+        self.proc = spawn([sys.executable, "-m", "shelfsight.shared.cli", "worker", "--processes", str(self.processes)],
+                          settings_env(self.settings), self.log_path)
+        from _throughput_harness import register_child
+
+        register_child(self.proc)
+        started = time.perf_counter()
+        self._wait_ready(timeout_s=300)
+        say(f"{self.label}: {self.processes} worker process(es) consuming after {time.perf_counter() - started:.1f}s")
+        self._seq = 0
+        return self
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        """Every process answers a Celery ping once it consumes (its model is built before that)."""
         deadline = time.monotonic() + timeout_s
-        while seen["result"] + seen["dead"] < n:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.label}: {seen} of {n} after {timeout_s}s")
-            got = self.client.xread(cursors, block=1000, count=1000)
-            for stream, entries in got or []:
-                name = stream.decode()
-                cursors[name] = entries[-1][0].decode()
-                seen["result" if name == self.settings.results_stream else "dead"] += len(entries)
-        done_wall = time.perf_counter() - t0
-        # Read every result file back (after timing) for finished_at, batch size and stage timings.
-        store = self.service.store
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.label}: the worker exited with {self.proc.returncode}; see {self.log_path}")
+            replies = self.app.control.ping(timeout=1.0) or []
+            if len(replies) >= self.processes:
+                return
+        raise TimeoutError(f"{self.label}: {self.processes} processes not all consuming after {timeout_s}s")
 
-        def fetch(pid: str) -> ResultRecord | None:
-            key = f"{self.settings.results_prefix}/{CATEGORY}/{pid}.json"
+    def processes_tree(self) -> list[Any]:
+        import psutil
+
+        root = psutil.Process(self.proc.pid)
+        return [root, *root.children(recursive=True)]
+
+    def cpu_s(self) -> float:
+        """CPU seconds of the supervisor and every worker process so far."""
+        import psutil
+
+        total = 0.0
+        for proc in self.processes_tree():
             try:
-                return ResultRecord.model_validate_json(store.get(self.settings.bucket, key).body)
-            except Exception:  # noqa: BLE001 - a dead letter has no result file
-                return None
+                times = proc.cpu_times()
+                total += times.user + times.system
+            except psutil.Error:
+                continue
+        return total
 
-        with ThreadPoolExecutor(16) as pool:
-            records = [r for r in pool.map(fetch, product_ids) if r is not None]
-        finished = [datetime.fromisoformat(r.timings["finished_at"]) for r in records]
-        latencies = [(f - r.submitted_at).total_seconds() * 1000 for f, r in zip(finished, records, strict=True)]
-        seconds = (max(finished) - first_enqueue).total_seconds() if finished else done_wall
-        stages = {}
-        for stage in ("fetch_ms", "decode_ms", "queue_ms", "model_ms"):
-            values = [float(r.timings[stage]) for r in records if stage in r.timings]
-            if values:
-                stages[stage] = round(statistics.median(values), 1)
-        say(f"{self.label}: {len(records)} results, {seen['dead']} dead letters, enqueue took {enqueued_s:.2f}s, "
-            f"last result after {seconds:.2f}s")
-        return PhaseResult(
-            images=len(records), seconds=seconds, img_s=len(records) / seconds if seconds > 0 else 0.0,
-            latencies_ms=latencies, dead_letters=seen["dead"],
-            batch_sizes=[int(r.timings.get("batch_size", 0)) for r in records], stage_ms=stages,
-        )
+    def rss_mb(self) -> float:
+        import psutil
+
+        total = 0
+        for proc in self.processes_tree():
+            try:
+                total += proc.memory_info().rss
+            except psutil.Error:
+                continue
+        return round(total / 2**20, 1)
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)  # forwarded to every process: soft shutdown
+                try:
+                    self.proc.wait(timeout=120)
+                except Exception:  # noqa: BLE001 - then it goes the hard way
+                    self.proc.kill()
+        finally:
+            from _throughput_harness import cleanup_child
+
+            cleanup_child(self.proc)
+            self.client.close()
+
+
+# --- the worker as it was before issue 12's plumbing changes (for the before/after table) ------------
+
+
+@contextlib.contextmanager
+def plumbing_baseline(on: bool, service: Any) -> Iterator[None]:
+    """Switch off this change set's per-image savings in this process's worker while the block runs:
+    boto3 for every S3 request, PIL's resize in preprocessing, and the task-started event."""
+    if not on:
+        yield
+        return
+    import shelfsight.worker.task_request as task_request
+    from shelfsight.shared import framing
+    from shelfsight.shared.storage import S3ObjectStore
+
+    fast, skipped, store = framing.preprocess_pil, task_request.SKIPPED_EVENTS, service.store
+    framing.preprocess_pil = lambda image, size, mean, std: framing.eval_transform(size, mean, std)(image)
+    task_request.SKIPPED_EVENTS = frozenset()
+    service.store = S3ObjectStore(service.settings)
+    try:
+        yield
+    finally:
+        framing.preprocess_pil, task_request.SKIPPED_EVENTS, service.store = fast, skipped, store
+
+
+# --- a new model version, promoted and announced as the trainer does (the hot swap) ------------------
+
+
+def publish_version(settings: Any, store: Any, arch: str, seed: int) -> str:
+    """Upload a distinct checkpoint of `arch` as a registry version of CATEGORY, promote and announce it."""
+    import redis
+    from safetensors.torch import save as save_safetensors
+
+    from shelfsight.shared.model_factory import create_clip, sha256_bytes
+    from shelfsight.shared.registry import Manifest, ModelRegistry, new_version
+    from shelfsight.shared.streams import announce_model
+    from shelfsight.shared.taxonomy import load_taxonomy
+
+    bundle = create_clip(arch, "none")
+    generator = torch.Generator().manual_seed(seed)
+    state = {k: v.detach().clone().contiguous() for k, v in bundle.model.state_dict().items()}
+    # the image tower's output projection (or its last float weight): every score changes
+    proj = "visual.proj" if "visual.proj" in state else [k for k, v in state.items()
+                                                         if k.startswith("visual.") and v.is_floating_point()][-1]
+    state[proj] += 0.5 * torch.randn(state[proj].shape, generator=generator)
+    weights = save_safetensors(state)
+    category = load_taxonomy(settings.taxonomy_path).category(CATEGORY)
+    version = new_version()
+    registry = ModelRegistry(store, settings.bucket, settings.models_prefix)
+    registry.upload_version(Manifest(
+        category=CATEGORY, version=version, architecture=arch, base_weights="none", taxonomy_version="bench",
+        values={n: a.value_names for n, a in category.attributes.items()},
+        captions={n: a.captions() for n, a in category.attributes.items()},
+        weights_sha256=sha256_bytes(weights), weights_bytes=len(weights),
+    ), weights)
+    registry.promote(CATEGORY, version, reason="bench hot swap")
+    announce_model(redis.Redis.from_url(settings.broker_url), settings.model_events_channel, CATEGORY, version)
+    return version
 
 
 # --- resident fp16 models --------------------------------------------------------------------------------

@@ -14,12 +14,21 @@
 (d) naive     the same worker configured naively: one image per batch (batch_size=1,
               batch_max_wait_ms=0), concurrency 1, PIL decode without draft mode.           images/s
 
+(c') processes `shelfsight worker --processes N` as a real command, for each N in --processes:
+              the same burst, e2e images/s per N (`e2e_by_processes`) and the CPU ms per image
+              of all the worker processes together.
+(e) hot swap  (--hot-swap) a new version promoted and announced during a burst on the largest
+              N: seconds to the first result of the new version and until every result is,
+              and failed events (dead letters + missing results: must be 0).
+
 Also: peak RSS (and CUDA max_memory_allocated), CPU seconds per image by process and by
-thread (model vs task threads vs moto vs redis), and the memory of N resident fp16
+thread (model vs task threads vs S3 server vs redis), the worker's CPU per image outside the
+model forward by component (`plumbing_ms_per_img`), and the memory of N resident fp16
 per-category image towers (measured on CUDA, estimated from parameter bytes on CPU).
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/throughput.py --quick            # 2-core CPU, < 10 min
     python bench/throughput.py --device cuda --model ViT-B-32 --weights none  # GPU (bench/gpu_check.sh)
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/throughput.py --dry-run --hot-swap  # every phase, tiny sizes
 
 Progress goes to stderr; the LAST line of stdout is one JSON object. This file is the run and
 its report; the measurements are in _throughput_phases.py, the child processes, CPU meter and
@@ -54,6 +63,7 @@ from _throughput_harness import (
     CpuMeter,
     cleanup_children,
     peak_rss_mb,
+    plumbing_by_component,
     py_spy,
     say,
     services,
@@ -64,11 +74,14 @@ from _throughput_phases import (
     CATEGORY,
     CeleryPhase,
     PhaseResult,
+    ProcessPhase,
     bench_bare,
     bench_pipeline,
     make_images,
     no_draft_decode,
     percentile,
+    plumbing_baseline,
+    publish_version,
     resident_models,
     upload_images,
 )
@@ -97,7 +110,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small run for the 2-core CPU (< 10 min)")
     p.add_argument("--skip-naive", action="store_true")
     p.add_argument("--repeats", type=int, default=3, help="interleaved (bare, e2e) pairs; the ratio is their median")
-    p.add_argument("--profile", action="store_true", help="py-spy the e2e burst (this process and moto)")
+    p.add_argument("--profile", action="store_true", help="py-spy the e2e burst (this process and the S3 server)")
+    p.add_argument("--processes", default=None,
+                   help="comma-separated N for `shelfsight worker --processes N` bursts (quick: 1,2; else 1,2,4); "
+                        "'' skips them")
+    p.add_argument("--hot-swap", action="store_true",
+                   help="promote a new version during a burst on the largest N (time to the new version, failed events)")
+    p.add_argument("--s3", choices=("standin", "moto"), default="standin",
+                   help="S3 server on loopback: the bench's stand-in (bench/_s3_standin.py, keep-alive, light) or moto")
+    p.add_argument("--s3-processes", type=int, default=None, help="stand-in processes (CPU default 1, GPU 4)")
+    p.add_argument("--plumbing-baseline", action="store_true",
+                   help="also run the in-process bursts with this change set's per-image savings off (boto3 for "
+                        "S3, PIL resize, task-started events), interleaved: the before/after plumbing table")
+    p.add_argument("--dry-run", action="store_true", help="every phase at tiny sizes (checks the script, not speed)")
     p.add_argument("--out", default=None, help="directory for logs/profile/result JSON (default bench/out or $OUT)")
     return p.parse_args(argv)
 
@@ -122,6 +147,13 @@ def fill_defaults(args: argparse.Namespace, gpu: bool, cores: int, default_threa
     # The worker keeps torch's default intra-op threads (all cores), like the bare baseline;
     # interleaved pairs measured e2e faster at 2 threads than at 1 here (docs/performance.md).
     args.torch_threads = args.torch_threads if args.torch_threads is not None else (0 if gpu else default_threads)
+    if args.dry_run:  # the whole script path in about two minutes, numbers meaningless
+        args.images, args.naive_images, args.paced_images = min(args.images, 48), min(args.naive_images, 8), 0
+        args.unique_images, args.image_px, args.repeats = min(args.unique_images, 8), min(args.image_px, 200), 1
+    if args.processes is None:
+        args.processes = "1,2" if args.quick or args.dry_run else ("1,2,4,8" if gpu else "1,2,4")
+    args.process_counts = [int(n) for n in str(args.processes).split(",") if n.strip()]
+    args.s3_processes = args.s3_processes or (4 if gpu else 1)
 
 
 def route_worker_logs(out_dir: Path) -> IO[str]:
@@ -154,6 +186,11 @@ class Measured:
     resident: dict[str, Any] = field(default_factory=dict)
     precision: str = ""
     loadavg: dict[str, list[float]] = field(default_factory=dict)
+    baseline_cpu: list[dict[str, float]] = field(default_factory=list)  # per burst, --plumbing-baseline
+    baseline_pairs: list[tuple[float, float]] = field(default_factory=list)
+    plumbing_runs: list[dict[str, float]] = field(default_factory=list)  # plumbing by component, per burst
+    by_processes: dict[int, dict[str, Any]] = field(default_factory=dict)
+    hot_swap: dict[str, Any] = field(default_factory=dict)
 
     def load(self, tag: str) -> None:
         """Note the load average now: other tenants of this machine skew every number."""
@@ -192,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.backends.cudnn.benchmark = True
     images = make_images(args.unique_images, args.image_px)
 
-    with tempfile.TemporaryDirectory() as tmp, services(Path(tmp)) as svc:
+    with tempfile.TemporaryDirectory() as tmp, services(Path(tmp), args.s3, args.s3_processes) as svc:
         bucket = f"bench-{uuid.uuid4().hex[:8]}"
 
         def settings_for(phase: str, db: int, **over: Any) -> Settings:
@@ -206,6 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 results_stream=f"bench:{phase}:results", dead_letter_stream=f"bench:{phase}:dead",
                 dead_letter_prefix=f"dead-{phase}", model_poll_interval_s=3600.0,
                 s3_max_pool_connections=max(64, args.concurrency + 16), log_format="json",
+                metrics_port=0,
             )
             fields.update(over)
             return Settings(**fields)
@@ -252,27 +290,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         m.pipeline_cuda_mb = round(torch.cuda.max_memory_allocated() / 2**20, 1) if gpu else None
 
         # (c) end to end, burst then paced.
-        meter = CpuMeter({"moto_server": svc.moto.pid, "redis_server": svc.redis.pid})
+        meter = CpuMeter({"s3_server": svc.moto.pid, "redis_server": svc.redis.pid})
+        variants = [("e2e", False)] + ([("e2e-baseline", True)] if args.plumbing_baseline else [])
         with CeleryPhase(settings_for("e2e", 2), args.concurrency, uris, "e2e") as phase:
             say(f"(c) e2e worker up: threads pool x{args.concurrency}; warming up with {args.batch_size} events")
-            phase.run(min(args.batch_size, args.images))
+            for _, baseline in variants:
+                with plumbing_baseline(baseline, phase.service):
+                    phase.run(min(args.batch_size, args.images))
             # Interleave bare and e2e measurements and take the median of the adjacent pairs'
             # ratios: this machine's speed drifts by up to 2x within minutes (other tenants).
             for repeat in range(args.repeats):
-                torch.set_num_threads(default_threads if not gpu else torch.get_num_threads())
-                bare_now = bench_bare(model, args.batch_size, min_s, 3 if not gpu else 20)
-                m.load("e2e_start")
-                meter.start()
-                profile_to = out_dir / "profile-e2e" if args.profile and repeat == 0 else None
-                with py_spy(profile_to, [os.getpid(), svc.moto.pid]) as files:
-                    run = phase.run(args.images)
-                run.cpu_s = meter.stop()
-                m.load("e2e_end")
-                if repeat == 0:
-                    m.burst, prof_files = run, files
-                m.pairs.append((bare_now, run.img_s))
-                say(f"(c) pair {repeat + 1}/{args.repeats}: bare {bare_now:.1f} images/s, e2e {run.img_s:.1f} images/s, "
-                    f"ratio {run.img_s / bare_now:.3f}")
+                for label, baseline in variants:
+                    torch.set_num_threads(default_threads if not gpu else torch.get_num_threads())
+                    bare_now = bench_bare(model, args.batch_size, min_s, 3 if not gpu else 20)
+                    m.load(f"{label}_start")
+                    meter.start()
+                    profile_to = out_dir / "profile-e2e" if args.profile and repeat == 0 and not baseline else None
+                    with plumbing_baseline(baseline, phase.service), \
+                            py_spy(profile_to, [os.getpid(), svc.moto.pid]) as files:
+                        run = phase.run(args.images)
+                    run.cpu_s = meter.stop()
+                    m.load(f"{label}_end")
+                    if baseline:
+                        m.baseline_cpu.append(plumbing_by_component(run.cpu_s, run.images))
+                        m.baseline_pairs.append((bare_now, run.img_s))
+                    else:
+                        if repeat == 0:
+                            m.burst, prof_files = run, files
+                        m.pairs.append((bare_now, run.img_s))
+                        m.plumbing_runs.append(plumbing_by_component(run.cpu_s, run.images))
+                    say(f"(c) {label} pair {repeat + 1}/{args.repeats}: bare {bare_now:.1f} images/s, e2e {run.img_s:.1f} "
+                        f"images/s, ratio {run.img_s / bare_now:.3f}; plumbing "
+                        f"{sum(plumbing_by_component(run.cpu_s, run.images).values()):.2f} ms/image; CPU s {run.cpu_s}")
             burst = m.burst
             assert burst is not None, "--repeats must be at least 1"
             say(f"(c) e2e burst: {burst.img_s:.1f} images/s over {burst.images} images in {burst.seconds:.1f}s; "
@@ -301,6 +350,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             say(f"(d) naive: {m.naive.img_s:.1f} images/s over {m.naive.images} images "
                 f"(batch 1, concurrency 1, full PIL decode); stages {m.naive.stage_ms}")
 
+        # (c') `shelfsight worker --processes N`, the real command, for each N; (e) the hot swap on the largest.
+        for index, n in enumerate(args.process_counts):
+            # torch threads 0: the supervisor shares the cores out among the processes (on CPU)
+            n_settings = settings_for(f"procs{n}", 5 + index, torch_threads=0)
+            with ProcessPhase(n_settings, n, uris, f"procs{n}", out_dir / f"workers-{n}.log") as workers:
+                workers.run(min(args.images, args.batch_size * n))  # every process has built its model
+                m.load(f"procs{n}_start")
+                cpu_before = workers.cpu_s()
+                run = workers.run(args.images)
+                cpu = workers.cpu_s() - cpu_before
+                m.load(f"procs{n}_end")
+                m.by_processes[n] = {
+                    "img_s": round(run.img_s, 1), "images": run.images, "dead_letters": run.dead_letters,
+                    "worker_cpu_ms_per_img": round(1000 * cpu / max(1, run.images), 2),
+                    "rss_mb": workers.rss_mb(), "median_batch": statistics.median(run.batch_sizes) if run.batch_sizes else None,
+                    "p50_ms": percentile(run.latencies_ms, 50), "p95_ms": percentile(run.latencies_ms, 95),
+                }
+                say(f"(c') --processes {n}: {run.img_s:.1f} images/s, worker CPU {1000 * cpu / max(1, run.images):.1f} "
+                    f"ms/image (model included), RSS {workers.rss_mb()} MB, median batch {m.by_processes[n]['median_batch']}")
+                if args.hot_swap and n == max(args.process_counts):
+                    m.hot_swap = hot_swap_under_load(workers, n_settings, args, n, rate=run.img_s)
+
         # Bare again, to catch drift from anything else running on this machine.
         torch.set_num_threads(default_threads if not gpu else torch.get_num_threads())
         m.load("bare_after_start")
@@ -318,6 +389,79 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def hot_swap_under_load(phase: ProcessPhase, settings: Any, args: argparse.Namespace, processes: int,
+                        rate: float, timeout_s: float = 240.0) -> dict[str, Any]:
+    """Events at `rate` per second (the burst's rate: the workers are loaded); a new version is
+    promoted and announced from a thread once some results are in. Enqueueing goes on until
+    2 x batch x N results in a row carry the new version (every process has swapped), then the
+    outcomes are awaited. Times come from the results stream's entry ids (Redis's clock, the
+    moment each result was announced)."""
+    import threading
+    from datetime import UTC, datetime
+
+    from shelfsight.shared.enqueue import enqueue_event
+    from shelfsight.shared.events import UploadEvent
+    from shelfsight.shared.storage import S3ObjectStore
+
+    client, results, dead = phase.client, settings.results_stream, settings.dead_letter_stream
+    cursors = {results: "$", dead: "$"}
+    cursors = {name: (e[0][0].decode() if (e := client.xrevrange(name, count=1)) else "0-0") for name in cursors}
+    announced: dict[str, Any] = {}
+
+    def promote() -> None:
+        started = time.perf_counter()
+        announced["version"] = publish_version(settings, S3ObjectStore(settings), args.model, seed=11)
+        announced["at_ms"] = int(datetime.now(UTC).timestamp() * 1000)
+        announced["publish_s"] = round(time.perf_counter() - started, 2)
+
+    promoter = threading.Thread(target=promote, name="bench-promote")
+    entries: list[tuple[int, str]] = []  # (stream time ms, model version)
+    dead_letters, sent, streak = 0, 0, 0
+    need = 2 * args.batch_size * processes
+    t0 = time.perf_counter()
+
+    def drain(block_ms: int) -> None:
+        nonlocal dead_letters, streak
+        for stream, got in client.xread(cursors, block=block_ms, count=1000) or []:
+            name = stream.decode()
+            cursors[name] = got[-1][0].decode()
+            if name == dead:
+                dead_letters += len(got)
+                continue
+            for entry_id, fields in got:
+                version = fields.get(b"model_version", b"").decode()
+                entries.append((int(entry_id.decode().split("-")[0]), version))
+                streak = streak + 1 if version == announced.get("version") else 0
+
+    while time.perf_counter() - t0 < timeout_s:
+        for _ in range(max(1, int((time.perf_counter() - t0) * rate) - sent)):
+            enqueue_event(phase.app, UploadEvent(product_id=f"swap-{sent:06d}", category=CATEGORY,
+                                                 image=phase.uris[sent % len(phase.uris)]))
+            sent += 1
+        if not promoter.is_alive() and "version" not in announced and len(entries) >= need:
+            promoter.start()  # the workers are busy and warm: promote now
+        drain(50)
+        if streak >= need:
+            break
+    promoter.join()
+    deadline = time.monotonic() + timeout_s
+    while len(entries) + dead_letters < sent and time.monotonic() < deadline:
+        drain(1000)
+    at, version = announced.get("at_ms"), announced.get("version")
+    new = [t for t, v in entries if v == version]
+    old_after = [t for t, v in entries if v != version and at is not None and t > at]
+    out = {
+        "processes": processes, "events": sent, "results": len(entries), "dead_letters": dead_letters,
+        "failed_events": sent - len(entries), "version": version, "publish_and_announce_s": announced.get("publish_s"),
+        "results_new_version": len(new), "results_old_version_after_announce": len(old_after),
+        "announce_to_first_new_s": round((new[0] - at) / 1000, 2) if new and at else None,
+        "announce_to_last_old_s": round((old_after[-1] - at) / 1000, 2) if old_after and at else 0.0,
+        "every_process_swapped": streak >= need, "rate_events_s": round(rate, 1),
+    }
+    say(f"(e) hot swap under load: {out}")
+    return out
+
+
 def report(m: Measured, args: argparse.Namespace, device: torch.device, *, cores: int, default_threads: int,
            max_wait_ms: float, image_kib: float) -> dict[str, Any]:
     """The result JSON: headline rates and ratios first, then what they were measured with."""
@@ -328,6 +472,10 @@ def report(m: Measured, args: argparse.Namespace, device: torch.device, *, cores
     pair_ratios = sorted(e2e / b for b, e2e in pairs)
     median_pair = sorted(pairs, key=lambda p: p[1] / p[0])[len(pairs) // 2]
     lat = paced.latencies_ms if paced else burst.latencies_ms
+    plumbing = {k: round(statistics.median(run.get(k, 0.0) for run in m.plumbing_runs), 2)
+                for k in sorted({k for run in m.plumbing_runs for k in run})}
+    baseline = {k: round(statistics.median(run.get(k, 0.0) for run in m.baseline_cpu), 2)
+                for k in sorted({k for run in m.baseline_cpu for k in run})}
     return {
         "device": (torch.cuda.get_device_name(device) if gpu else f"cpu ({cores} cores)"),
         "model": args.model,
@@ -340,6 +488,16 @@ def report(m: Measured, args: argparse.Namespace, device: torch.device, *, cores
         "e2e_over_best_bare": round(max(e for _, e in pairs) / bare_best, 3),
         "bare_img_s_median_pair": round(median_pair[0], 1),
         "e2e_over_naive": round(statistics.median(e for _, e in pairs) / naive.img_s, 2) if naive else None,
+        "plumbing_ms_per_img": round(sum(plumbing.values()), 2),
+        "plumbing_ms_per_img_by_component": plumbing,
+        "plumbing_ms_per_img_runs": [round(sum(run.values()), 2) for run in m.plumbing_runs],
+        "plumbing_ms_per_img_baseline": round(sum(baseline.values()), 2) if baseline else None,
+        "plumbing_ms_per_img_by_component_baseline": baseline or None,
+        "e2e_over_bare_baseline": (round(statistics.median(e / b for b, e in m.baseline_pairs), 3)
+                                   if m.baseline_pairs else None),
+        "e2e_by_processes": {str(n): r["img_s"] for n, r in m.by_processes.items()},
+        "e2e_by_processes_detail": {str(n): r for n, r in m.by_processes.items()},
+        "hot_swap": m.hot_swap or None,
         "p50_ms": percentile(lat, 50),
         "p95_ms": percentile(lat, 95),
         "latency": ("result timings.finished_at - event submitted_at (event built just before enqueue); "
@@ -358,7 +516,8 @@ def report(m: Measured, args: argparse.Namespace, device: torch.device, *, cores
         "bare_after_img_s": round(m.bare_after, 1),
         "images": burst.images,
         "naive_images": naive.images if naive else 0,
-        "dead_letters": burst.dead_letters + (naive.dead_letters if naive else 0),
+        "dead_letters": burst.dead_letters + (naive.dead_letters if naive else 0)
+                        + sum(r["dead_letters"] for r in m.by_processes.values()),
         "image_px": args.image_px,
         "image_kib": image_kib,
         "e2e_median_batch": statistics.median(burst.batch_sizes) if burst.batch_sizes else None,
@@ -372,9 +531,12 @@ def report(m: Measured, args: argparse.Namespace, device: torch.device, *, cores
         "pipeline_cuda_max_memory_allocated_mb": m.pipeline_cuda_mb,
         "resident_fp16_models": m.resident,
         "loadavg": m.loadavg,
-        "s3_server": "moto on loopback (own process)",
+        "s3_server": (f"bench S3 stand-in on loopback ({args.s3_processes} process(es), keep-alive)" if args.s3 == "standin"
+                      else "moto on loopback (own process)"),
         "redis": "redis-server on loopback",
-        "worker": "celery threads pool, in-process (celery.contrib.testing.worker.start_worker), real extract task",
+        "worker": ("(c) celery threads pool, in-process (celery.contrib.testing.worker.start_worker), real extract "
+                   "task; (c') `shelfsight worker --processes N` subprocesses"),
+        "dry_run": bool(args.dry_run),
         "torch": torch.__version__,
     }
 
