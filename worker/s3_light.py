@@ -145,7 +145,8 @@ def proxy_applies(url: str) -> bool:
 class LightS3ObjectStore:
     """ObjectStore whose get/put are signed urllib3 requests; the rest is the wrapped boto3 store.
 
-    Thread-safe: one urllib3 pool (`s3_max_pool_connections` connections per host), one signer.
+    Thread-safe: one urllib3 pool (`s3_max_pool_connections` connections per host, or one per task
+    thread if that is more), one signer.
     """
 
     def __init__(self, settings: Settings, fallback: S3ObjectStore | None = None) -> None:
@@ -170,8 +171,10 @@ class LightS3ObjectStore:
         if self._scheme == "https":  # the CA bundle botocore uses: AWS_CA_BUNDLE, else its default
             cert_kwargs = {"cert_reqs": "CERT_REQUIRED",
                            "ca_certs": get_cert_path(os.environ.get("AWS_CA_BUNDLE") or True)}
+        # each task thread has at most one request in flight: room for all of them, none discarded
+        pool_size = max(settings.s3_max_pool_connections, settings.effective_concurrency() + 4)
         self._pool = urllib3.PoolManager(
-            num_pools=4, maxsize=max(1, settings.s3_max_pool_connections), block=False, retries=False,
+            num_pools=4, maxsize=pool_size, block=False, retries=False,
             timeout=urllib3.Timeout(connect=settings.s3_connect_timeout_s, read=settings.s3_read_timeout_s),
             **cert_kwargs,
         )
@@ -200,6 +203,9 @@ class LightS3ObjectStore:
             if max_bytes is not None and len(data) > max_bytes:
                 raise ObjectTooLarge(f"s3://{bucket}/{key} exceeds {max_bytes} bytes")
             return StoredObject(body=data, etag=str(response.headers.get("ETag", "")).strip('"'))
+        except BaseException:
+            response.close()  # a body left unread must not reach the next request on this connection
+            raise
         finally:
             response.release_conn()
 
@@ -274,6 +280,7 @@ class LightS3ObjectStore:
             data = b""
         finally:
             if not preload:
+                response.close()  # the rest of an error body, if any, is not read: not reused
                 response.release_conn()
         match = _ERROR_CODE.search(data or b"")
         code = match.group(1).decode("ascii", "replace") if match else ""
