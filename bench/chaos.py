@@ -104,7 +104,7 @@ class Plan:
         return self.s3_fault_phase_s * len(self.s3_fault_modes)
 
 
-QUICK = Plan(events=1000, send_seconds=60.0)
+QUICK = Plan(events=1000, send_seconds=60.0, promote_at_s=12.0, rollback_at_s=30.0)
 FULL = Plan(events=3000, send_seconds=150.0, kills=10, kill_every_s=12.0, redis_restart_at_s=60.0,
             s3_fault_at_s=80.0, s3_fault_phase_s=15.0, promote_at_s=30.0, rollback_at_s=110.0)
 CI = Plan(events=120, send_seconds=12.0, workers=2, concurrency=4, kills=1, kill_start_s=5.0,
@@ -411,6 +411,7 @@ class Chaos:
     baseline: str | None = None
     rolled_back_at: float | None = None
     promoted_at: float | None = None
+    promotion_served: bool = False
     training: dict[str, Any] = field(default_factory=dict)
     log: list[str] = field(default_factory=list)
 
@@ -442,9 +443,7 @@ def run_chaos(world: World, plan: Plan, producer: Producer, chaos: Chaos, rng: r
                 for p, mode in enumerate(plan.s3_fault_modes)]
     actions.append((plan.s3_fault_at_s + plan.s3_fault_s, "s3:clear"))
     if plan.promote_at_s is not None:
-        actions.append((plan.promote_at_s, "promote"))
-    if plan.rollback_at_s is not None:
-        actions.append((plan.rollback_at_s, "rollback"))
+        actions.append((plan.promote_at_s, "promote"))  # and then, once it serves, the rollback
     if plan.train:
         actions.append((plan.kill_start_s + 1.0, "train"))
     operators: list[threading.Thread] = []
@@ -475,7 +474,7 @@ def run_chaos(world: World, plan: Plan, producer: Producer, chaos: Chaos, rng: r
                     chaos.s3_fault_windows.append((time.time(), math.inf))
                 world.proxy.set(mode, slow_s=4.0)
                 chaos.s3_fault_s += plan.s3_fault_phase_s
-        elif action in ("promote", "rollback", "train"):  # operator commands take seconds: not inline
+        elif action in ("promote", "train"):  # operator commands take seconds: not inline
             thread = threading.Thread(target=_operator, args=(world, plan, chaos, action), daemon=True)
             thread.start()
             operators.append(thread)
@@ -484,14 +483,33 @@ def run_chaos(world: World, plan: Plan, producer: Producer, chaos: Chaos, rng: r
 
 
 def _operator(world: World, plan: Plan, chaos: Chaos, action: str) -> None:
+    """An operator's commands, in order: promote; once a worker serves it (and not before the
+    planned time), roll back. Under load a CLI call takes seconds, so times are not exact."""
     if action == "promote":
-        if cli(world, plan, "models", "promote", "pans", chaos.promoted or "", "--reason", "chaos: mid-run") is not None:
-            chaos.promoted_at = time.time()
-    elif action == "rollback":
+        started = time.monotonic()
+        if cli(world, plan, "models", "promote", "pans", chaos.promoted or "", "--reason", "chaos: mid-run") is None:
+            return
+        chaos.promoted_at = time.time()
+        wait_s = (plan.rollback_at_s or 0.0) - (plan.promote_at_s or 0.0)
+        deadline = started + wait_s + 60.0
+        while time.monotonic() < deadline and not (
+                _served(world, chaos.promoted or "?") and time.monotonic() >= started + wait_s):
+            time.sleep(0.5)
+        chaos.promotion_served = _served(world, chaos.promoted or "?")
         if cli(world, plan, "models", "rollback", "pans") is not None:
             chaos.rolled_back_at = time.time()
     else:
         chaos.training = {"enqueued": cli(world, plan, "train", "--category", "tops")}  # type: ignore[assignment]
+
+
+def _served(world: World, version: str) -> bool:
+    """Some worker has swapped to `version` (its log says model.swapped with that version)."""
+    for slot in world.workers:
+        path = world.root / f"worker{slot}.log"
+        with contextlib.suppress(OSError):
+            if any('"model.swapped"' in line and version in line for line in path.read_text(errors="replace").splitlines()):
+                return True
+    return False
 
 
 # --- setup: a baseline model, a candidate, labels for the trainer ----------------------------------
@@ -534,7 +552,7 @@ def write_labels(world: World, uris: dict[str, str], rng: random.Random) -> Path
     return path
 
 
-def training_outcome(world: World, timeout_s: float = 120.0) -> dict[str, Any]:
+def training_outcome(world: World, timeout_s: float = 180.0) -> dict[str, Any]:
     """What the trainer made of its run (the version's report), waiting for it a while."""
     from shelfsight.shared.registry import ModelRegistry
 
@@ -598,6 +616,7 @@ def account(world: World, sent: list[Sent], chaos: Chaos) -> dict[str, Any]:
     latencies: list[float] = []
     outcome_at: dict[str, float] = {}
     versions: Counter[str] = Counter()
+    after_rollback: Counter[str] = Counter()  # pans results finished 10 s or more after the rollback
     for item in sent:
         got_result = item.key in results
         got_letter = item.key in letters
@@ -614,7 +633,10 @@ def account(world: World, sent: list[Sent], chaos: Chaos) -> dict[str, Any]:
                 if item.expected is None and not record.get("superseded"):
                     latencies.append((finished - item.sent_at) * 1000)
             if item.expected is None and record.get("category") == "pans":
-                versions[(record.get("model") or {}).get("version", "?")] += 1
+                version = (record.get("model") or {}).get("version", "?")
+                versions[version] += 1
+                if chaos.rolled_back_at is not None and finished is not None and finished > chaos.rolled_back_at + 10:
+                    after_rollback[version] += 1
             if item.expected is not None:
                 bad_with_result.append(f"{item.key}:{item.kind}")
         if got_letter:
@@ -656,7 +678,8 @@ def account(world: World, sent: list[Sent], chaos: Chaos) -> dict[str, Any]:
             "unmatched_dead_letters": unmatched, "lost_ids": lost[:20], "double_ids": double[:20],
             "wrong_ids": wrong[:20], "pans_result_versions": dict(versions),
             "promoted": chaos.promoted, "baseline": chaos.baseline,
-            "rolled_back": chaos.rolled_back_at is not None, "training": chaos.training,
+            "promotion_served": chaos.promotion_served, "rolled_back": chaos.rolled_back_at is not None,
+            "pans_versions_after_rollback": dict(after_rollback), "training": chaos.training,
             "proxy_requests": dict(world.proxy.counts), "schedule": chaos.log,
         },
     }
