@@ -300,7 +300,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("bench/out"))
     parser.add_argument("--arch", default="shelfsight-effnet-lite0")
     parser.add_argument("--weights", default="imagenet-tower")
-    parser.add_argument("--image-size", type=int, default=96, help="SHELFSIGHT_TRAIN_IMAGE_SIZE (native: 224)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="SHELFSIGHT_TRAIN_IMAGE_SIZE (native: 224); default 96, 64 with --quick")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--min-steps-per-epoch", type=int, default=4, help="SHELFSIGHT_TRAIN_MIN_STEPS_PER_EPOCH")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -312,7 +313,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--last-n-blocks", type=int, default=2)
     parser.add_argument("--no-augment", dest="augment", action="store_false",
                         help="no random resized crops or flips (SHELFSIGHT_TRAIN_AUGMENT=false)")
-    parser.add_argument("--no-flip", dest="flip", action="store_false", help="SHELFSIGHT_TRAIN_FLIP=false")
+    parser.add_argument("--flip", action="store_true",
+                        help="SHELFSIGHT_TRAIN_FLIP=true (off by default: --select chose it off, see docs)")
     parser.add_argument("--crop-scale", type=float, default=0.9, help="SHELFSIGHT_TRAIN_CROP_SCALE")
     parser.add_argument("--val-fraction", type=float, default=0.2)
     return parser.parse_args(argv)
@@ -321,6 +323,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run every task at every budget over the seeds (or --select); write JSON and PNG; print the summary last."""
     args = parse_args(argv)
+    if args.image_size is None:  # --quick trades resolution for time: 5 seeds in < 30 min on a shared 2-core box
+        args.image_size = 64 if args.quick else 96
     configure_logging("console", "WARNING")  # logs on stderr: stdout's last line is the summary
     if args.seeds < MIN_SEEDS:
         print(f"warning: {args.seeds} seeds per point; a reported figure needs at least {MIN_SEEDS}", file=sys.stderr)

@@ -50,9 +50,9 @@ def test_the_benchmark_builds_its_config_through_settings_only() -> None:
     bench = importlib.util.module_from_spec(spec)
     sys.modules["learning_curve"] = bench
     spec.loader.exec_module(bench)
-    args = bench.parse_args(["--quick", "--no-flip", "--min-steps-per-epoch", "6", "--image-size", "80"])
+    args = bench.parse_args(["--quick", "--flip", "--min-steps-per-epoch", "6", "--image-size", "80"])
     settings = bench.bench_settings(args, seed=3)
-    assert (settings.train_flip, settings.train_min_steps_per_epoch, settings.train_image_size) == (False, 6, 80)
+    assert (settings.train_flip, settings.train_min_steps_per_epoch, settings.train_image_size) == (True, 6, 80)
     assert (settings.train_seed, settings.train_split_seed) == (3, 3)
     assert args.seeds >= 5
     source = (ROOT / "bench" / "learning_curve.py").read_text()
