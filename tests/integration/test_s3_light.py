@@ -81,3 +81,33 @@ def test_denied_is_raised_at_once_as_access_denied(proxied: tuple[FaultProxy, Li
     with pytest.raises(AccessDenied):
         light.get(settings.bucket, "k.json")
     assert proxy.counts["deny"] == 1 and time.monotonic() - started < 1.0
+
+
+def test_the_bench_s3_standin_keeps_the_contract_for_both_clients(tmp_path) -> None:
+    """bench/_s3_standin.py (the GPU bench's S3 server) answers like S3 for boto3 and the light path,
+    across its processes (conditional writes are atomic between them)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from shelfsight.shared.dev.services import free_port, wait_for_port
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, str(Path(__file__).resolve().parents[2] / "bench" / "_s3_standin.py"),
+                               "--port", str(port), "--root", str(tmp_path / "s3"), "--processes", "2"],
+                              start_new_session=True)
+    try:
+        wait_for_port(port, 30)
+        settings = Settings(s3_endpoint_url=f"http://127.0.0.1:{port}", s3_access_key_id="test",
+                            s3_secret_access_key="test", s3_retries=1)
+        for bucket, store in (("boto", S3ObjectStore(settings)), ("light", LightS3ObjectStore(settings))):
+            store.ensure_bucket(bucket)
+            check_put_get_list_delete(store, bucket)
+            check_conditional_writes(store, bucket)
+        with pytest.raises(ObjectMissing):
+            LightS3ObjectStore(settings).get("absent-bucket", "k")
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=10)
