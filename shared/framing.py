@@ -24,6 +24,8 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torchvision import transforms as T
 
+from shelfsight.shared.torch_threads import one_intra_op_thread
+
 FRAMING = "letterbox"
 FILL = (255, 255, 255)
 
@@ -114,7 +116,8 @@ def preprocess_pil(image: Image.Image, size: int, mean: Sequence[float], std: Se
     torch resizes uint8 channels-last images with vectorised kernels. The extraction worker's CPU path."""
     rgb = image if image.mode == "RGB" else image.convert("RGB")
     pixels = torch.from_numpy(np.array(rgb)).permute(2, 0, 1)  # [3, H, W] view of HWC: channels-last
-    return preprocess_tensor(pixels, size, mean, std)
+    with one_intra_op_thread():  # called from many task threads at once: no OpenMP team each
+        return preprocess_tensor(pixels, size, mean, std)
 
 
 def preprocess_tensor(

@@ -49,3 +49,31 @@ def test_preprocess_pil_matches_eval_transform_in_pixels_and_features(photos: di
         cosine = torch.nn.functional.cosine_similarity(bundle.model.encode_image(torch.stack(fast)),
                                                        bundle.model.encode_image(torch.stack(slow)))
     assert float(cosine.min()) > 0.9999
+
+
+def test_preprocessing_threads_run_torch_alone_and_leave_the_rest_alone() -> None:
+    import threading
+
+    from shelfsight.shared.torch_threads import _openmp, one_intra_op_thread
+
+    if _openmp() is None:
+        pytest.skip("torch without an OpenMP runtime: nothing to set")
+    original = torch.get_num_threads()
+    torch.set_num_threads(2)  # the tests run with one thread by default
+    seen: dict[str, int] = {}
+
+    def task_thread() -> None:
+        seen["before"] = torch.get_num_threads()
+        with one_intra_op_thread():
+            seen["inside"] = torch.get_num_threads()
+            framing.preprocess_pil(Image.new("RGB", (300, 200)), 64, (0.5,) * 3, (0.5,) * 3)
+        seen["after"] = torch.get_num_threads()
+
+    try:
+        thread = threading.Thread(target=task_thread)
+        thread.start()
+        thread.join()
+        assert seen == {"before": 2, "inside": 1, "after": 2}
+        assert torch.get_num_threads() == 2  # this thread (a batcher lane, say) keeps its team
+    finally:
+        torch.set_num_threads(original)
