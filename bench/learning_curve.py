@@ -160,14 +160,14 @@ def build_tasks(quick: bool, size: int, only: Sequence[str]) -> list[Task]:
         attrs = ["lid", "handle"]
         tasks.append(Task(
             "visible", _taxonomy_spec("pans", attrs),
-            lambda seed, n: _samples("pans", n, 100 + seed, size, False, attrs),
+            lambda seed, n, attrs=attrs: _samples("pans", n, 100 + seed, size, False, attrs),
             _samples("pans", test_count, 1, size, False, attrs), _samples("pans", 200, 2, size, False, attrs),
             [30, 60] if quick else [10, 30, 60, 120, 250, 500], "labels"))
     if "ambiguous" in only:
         attrs = ["main_colour"]
         tasks.append(Task(
             "ambiguous", _taxonomy_spec("tops", attrs),
-            lambda seed, n: _samples("tops", n, 100 + seed, size, True, attrs),
+            lambda seed, n, attrs=attrs: _samples("tops", n, 100 + seed, size, True, attrs),
             _samples("tops", test_count, 1, size, True, attrs), _samples("tops", 200, 2, size, True, attrs),
             [30, 120] if quick else [10, 30, 60, 120, 250, 500, 1000], "labels"))
     if "fashion" in only:
