@@ -40,7 +40,7 @@ DEMO_TRAINING_ENV = {
     "SHELFSIGHT_BATCH_SIZE": "8",
     "SHELFSIGHT_MODEL_POLL_INTERVAL_S": "5",
 }
-LABELED = {"pans": 48, "tops": 96}
+LABELED = {"pans": 64, "tops": 96}  # ≥ 10 frozen test examples per attribute: the gate needs evidence
 HELD_OUT = {"pans": 8, "tops": 8}
 
 
