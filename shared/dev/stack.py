@@ -311,6 +311,8 @@ def terminated_by_signal() -> Iterator[None]:
         return
 
     def stop(signum: int, _frame: object) -> None:
+        for sig in previous:  # a second signal (e.g. from `timeout` and a shell) must not cut the teardown short
+            signal.signal(sig, signal.SIG_IGN)
         raise SystemExit(128 + signum)
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
