@@ -73,6 +73,27 @@ def top_values(probabilities: torch.Tensor, values: Sequence[str]) -> list[tuple
     return [(values[int(i)], float(c)) for i, c in zip(index.tolist(), confidence.tolist(), strict=True)]
 
 
+def margin_uncertainty(probabilities: torch.Tensor) -> torch.Tensor:
+    """Review priority per row of a [B, V] probability matrix: 1 - (top-1 - top-2 probability).
+
+    0 for a sure prediction, 1 for a tie between the two best values. The margin, not the
+    entropy: it is comparable across attributes with 2 or 12 values (entropy grows with log V),
+    it asks the question a reviewer answers ("is it this or that?"), and margin sampling is the
+    strong simple baseline of the active-learning literature. A product's priority is the
+    largest over its attributes (`product_uncertainty`).
+    """
+    if probabilities.shape[-1] < 2:
+        return torch.zeros(probabilities.shape[:-1], dtype=probabilities.dtype, device=probabilities.device)
+    top = probabilities.topk(2, dim=-1).values
+    return 1.0 - (top[..., 0] - top[..., 1])
+
+
+def product_uncertainty(per_attribute: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """[B] review priority of each image: the largest `margin_uncertainty` over its attributes."""
+    stacked = torch.stack([margin_uncertainty(p) for p in per_attribute.values()])
+    return stacked.max(dim=0).values
+
+
 def multi_attribute_loss(
     image_features: torch.Tensor,
     text_features: Mapping[str, torch.Tensor],

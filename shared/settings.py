@@ -58,6 +58,14 @@ class Settings(BaseSettings):
     model_events_channel: str = Field(
         "shelfsight:models", description="Redis pub/sub channel on which promotions are announced."
     )
+    review_stream: str = Field(
+        "shelfsight:review", description="Redis Stream that receives one entry per result that needs "
+        "review (some attribute below its abstention threshold); read by `shelfsight review`."
+    )
+    backfill_queue: str = Field(
+        "backfill", description="Low-priority queue of re-extractions (`shelfsight backfill`); workers "
+        "take from it only when the extract queue leaves room."
+    )
 
     # --- storage ------------------------------------------------------------------------------
     s3_endpoint_url: str | None = Field(
@@ -280,6 +288,18 @@ class Settings(BaseSettings):
     promotion_attribute_tolerance: float = Field(
         0.05, description="A challenger whose test macro-F1 on any one attribute is more than this below "
         "the champion's is not promoted, whatever the mean."
+    )
+    review_target_precision: float = Field(
+        0.95, gt=0, le=1, description="Abstention: per attribute, the lowest confidence threshold whose "
+        "predictions at or above it reach this precision on the validation split; results below it "
+        "carry needs_review=true."
+    )
+    backfill_after_promotion: bool = Field(
+        False, description="After each promotion, re-extract the category's stale results (as "
+        "`shelfsight backfill --stale-only`)."
+    )
+    backfill_rate_per_s: float = Field(
+        50.0, gt=0, description="Default enqueue rate of `shelfsight backfill`, in products per second."
     )
     retrain_after_labels: int = Field(
         50, description="Enqueue a retrain after this many new labels for a category (0 disables)."

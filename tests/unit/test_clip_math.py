@@ -59,3 +59,14 @@ def test_confusion_and_metrics() -> None:
     assert accuracy == pytest.approx(3 / 5)
     # F1: class0 = 2*1/(2+2)=0.5, class1 = 2*2/(2+3)=0.8, class2 = 0
     assert macro_f1 == pytest.approx((0.5 + 0.8 + 0.0) / 3)
+
+
+def test_margin_uncertainty_is_one_minus_the_gap_between_the_two_best_values() -> None:
+    from shelfsight.shared.clip_math import margin_uncertainty, product_uncertainty
+
+    probabilities = torch.tensor([[0.9, 0.05, 0.05], [0.4, 0.4, 0.2], [0.1, 0.3, 0.6]])
+    assert torch.allclose(margin_uncertainty(probabilities), torch.tensor([0.15, 1.0, 0.7]))
+    sure = torch.tensor([[1.0, 0.0], [0.55, 0.45], [0.5, 0.5]])
+    # the product's priority is its least certain attribute
+    assert torch.allclose(product_uncertainty({"a": probabilities, "b": sure}), torch.tensor([0.15, 1.0, 1.0]))
+    assert margin_uncertainty(torch.ones(4, 1)).tolist() == [0.0] * 4
