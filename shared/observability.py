@@ -50,6 +50,12 @@ def serve_metrics(settings: Settings) -> bool:
     return True
 
 
+def serving_metrics(settings: Settings) -> bool:
+    """Whether this process serves /metrics on settings' address and port (serve_metrics succeeded)."""
+    with _lock:
+        return (settings.metrics_address, settings.metrics_port) in _served
+
+
 class QueueCollector(Collector):
     """Depth and oldest-message age of Celery's Redis queues, read at scrape time.
 

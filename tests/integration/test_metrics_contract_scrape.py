@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -24,6 +25,7 @@ import shelfsight.trainer.metrics
 from shelfsight.shared.celery_app import create_celery_app
 from shelfsight.shared.dev.services import free_port, wait_for_port
 from shelfsight.shared.enqueue import enqueue_upload
+from shelfsight.shared.observability import serving_metrics
 from shelfsight.shared.settings import Settings
 from shelfsight.shared.storage import S3ObjectStore
 from shelfsight.worker.runtime import runtime_of
@@ -34,9 +36,16 @@ from tests.metrics_contract import ALERTS, exported_series, label_names, problem
 assert shelfsight.shared.relay.metrics and shelfsight.trainer.metrics
 
 
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through an http_proxy
+
+
 def _get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - loopback only
-        return str(response.read().decode())
+    try:
+        with _DIRECT.open(url, timeout=5) as response:
+            return str(response.read().decode())
+    except urllib.error.HTTPError as exc:  # say who answered: the worker's listener, or something else
+        raise AssertionError(f"GET {url}: HTTP {exc.code}, Server: {exc.headers.get('Server')!r}, "
+                             f"body: {exc.read()[:500]!r}") from exc
 
 
 def test_running_worker_exports_every_metric_the_dashboard_and_rules_query(settings: Settings,
@@ -49,6 +58,7 @@ def test_running_worker_exports_every_metric_the_dashboard_and_rules_query(setti
         # What Celery's worker_ready signal does in `shelfsight worker` (the test worker does not
         # send it): load the base model, then serve /metrics on the settings' address and port.
         runtime_of(app).warm_up()
+        assert serving_metrics(s), f"the worker's /metrics listener did not start on port {port}"
         wait_for_port(port, 60)
         enqueue_upload(create_celery_app(s), product_id="m1", category="tops",
                        image=f"s3://{s.bucket}/uploads/tops/m1.jpg")
@@ -84,6 +94,8 @@ def _prometheus_evaluates_everything(worker_port: int, tmp_path: Path) -> None:
                                  f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_for_port(port, 30)
+        # Prometheus listens before its storage is up and answers 503 until then: wait for ready.
+        wait_for(lambda: _ready(base), timeout=60)
 
         def query(expr: str) -> dict:
             return json.loads(_get(f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr})))
@@ -100,6 +112,14 @@ def _prometheus_evaluates_everything(worker_port: int, tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def _ready(base: str) -> bool:
+    try:
+        with _DIRECT.open(f"{base}/-/ready", timeout=5) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, ConnectionError):
+        return False
 
 
 def _rules_evaluated(base: str) -> bool:
