@@ -237,6 +237,10 @@ class Settings(BaseSettings):
         "full", description="Which weights train: all, the last N blocks of each tower, or all but text."
     )
     train_last_n_blocks: int = Field(2, description="N for train_mode=last_n.")
+    train_lp_epochs: int = Field(
+        0, description="LP-FT: epochs of a head-only stage (image trunk frozen) before fine-tuning; 0: none."
+    )
+    train_lp_lr: float = Field(1e-3, description="Peak learning rate of the head-only (LP-FT) stage.")
     train_val_fraction: float = Field(0.15, description="Share of labeled products kept for validation.")
     train_test_fraction: float = Field(0.2, description="Share of labeled products frozen for test.")
     train_seed: int = Field(0, description="Seed for sampling, augmentation and init (not the split).")

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from torch import nn
 
-TrainMode = Literal["full", "last_n", "frozen_text"]
+TrainMode = Literal["full", "last_n", "frozen_text", "head"]
 
 
 def _text_module(model: Any) -> Any:
@@ -52,7 +52,9 @@ def set_trainable(model: Any, mode: TrainMode, last_n_blocks: int = 2) -> int:
     - last_n: the last N blocks of each tower, what follows them (final norms, projections), and
       the logit scale;
     - frozen_text: everything but the text tower (token/positional embeddings, transformer,
-      final norm, text projection).
+      final norm, text projection);
+    - head: only the text tower, both projections and the logit scale (the image trunk frozen):
+      the linear-probe stage of LP-FT (`TrainConfig.lp_epochs`).
     """
     if mode == "full":
         for p in model.parameters():
@@ -71,8 +73,11 @@ def set_trainable(model: Any, mode: TrainMode, last_n_blocks: int = 2) -> int:
             for p in params:
                 p.requires_grad_(True)
         model.logit_scale.requires_grad_(True)
+    elif mode == "head":
+        for name, p in model.named_parameters():
+            p.requires_grad_(_is_head(name))
     else:
-        raise ValueError(f"unknown train mode {mode!r}; use full, last_n or frozen_text")
+        raise ValueError(f"unknown train mode {mode!r}; use full, last_n, frozen_text or head")
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 

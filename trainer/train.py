@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import structlog
@@ -78,6 +78,12 @@ class TrainConfig:
     sampler_max_ratio: float | None
     """Cap on any image's draws relative to uniform sampling."""
     eval_batch_size: int
+    lp_epochs: int = 0
+    """LP-FT (Kumar et al. 2022): epochs of a first stage that trains only the head (train mode
+    `head`: text tower, projections, logit scale; image trunk frozen) at `lp_lr`, before the
+    `mode` stage at `lr`. 0: no first stage."""
+    lp_lr: float = 1e-3
+    """Peak LR of the head-only stage."""
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides: Any) -> TrainConfig:
@@ -105,6 +111,8 @@ class TrainConfig:
             "sampler_power": settings.train_sampler_power,
             "sampler_max_ratio": settings.train_sampler_max_ratio,
             "eval_batch_size": EVAL_BATCH_SIZE,
+            "lp_epochs": settings.train_lp_epochs,
+            "lp_lr": settings.train_lp_lr,
         }
         values.update({key: value for key, value in overrides.items() if value is not None})
         return cls(**values)
@@ -131,6 +139,8 @@ class FitResult:
     steps: int
     seconds: float
     config: dict[str, Any] = field(default_factory=dict)
+    lp_state_dict: dict[str, torch.Tensor] | None = None
+    """With lp_epochs: the weights the second stage started from (the end of the head-only stage)."""
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -166,12 +176,35 @@ def fit(
         config: hyper-parameters.
         progress: called with a dict after each step (phase='step') and epoch (phase='epoch').
 
+    With config.lp_epochs > 0 a head-only stage runs first (LP-FT): the randomly initialised
+    head is fitted to the pretrained image features before their own gradients flow, so the
+    first steps of full fine-tuning do not distort them. Each stage keeps its best epoch.
+
     Returns:
         FitResult; the model is left holding the best weights, in eval mode.
     """
     started = time.monotonic()
     if len(train) == 0:
         raise ValueError("no training examples")
+    lp_state = None
+    if config.lp_epochs > 0:
+        head_config = replace(config, mode="head", epochs=config.lp_epochs, lr=config.lp_lr, lp_epochs=0)
+        lp_state = _fit_stage(bundle, spec, train, val, head_config, progress).state_dict
+    result = _fit_stage(bundle, spec, train, val, config, progress)
+    result.seconds, result.lp_state_dict = time.monotonic() - started, lp_state
+    return result
+
+
+def _fit_stage(
+    bundle: ClipBundle,
+    spec: HeadSpec,
+    train: LabeledImages,
+    val: LabeledImages | None,
+    config: TrainConfig,
+    progress: Progress | None,
+) -> FitResult:
+    """One training stage in `config.mode`: epochs until patience runs out; the best epoch kept."""
+    started = time.monotonic()
     run = _set_up(bundle, spec, train, config, progress)
     validation = _Validation.of(bundle, val)
     log.info("fit.start", train=len(train), val=len(val) if val else 0, trainable=run.trainable,
