@@ -8,6 +8,7 @@ attribute's values.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -59,12 +60,27 @@ def score_heads(
     image_features: torch.Tensor,
     heads: Sequence[AttributeHead],
     logit_scale: torch.Tensor | float,
+    temperatures: Mapping[str, float] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Probabilities [B, V] per attribute: softmax over that attribute's candidate values."""
+    """Probabilities [B, V] per attribute: softmax over that attribute's candidate values.
+
+    With `temperatures`, each attribute's logits are divided by its temperature first
+    (`calibrated_probabilities`); an attribute without one keeps T = 1, the raw softmax.
+    """
+    temperatures = temperatures or {}
     return {
-        head.name: attribute_logits(image_features, head.text_features, logit_scale).softmax(dim=-1)
+        head.name: calibrated_probabilities(
+            attribute_logits(image_features, head.text_features, logit_scale), temperatures.get(head.name, 1.0)
+        )
         for head in heads
     }
+
+
+def calibrated_probabilities(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """softmax(logits / T) over the last dimension: the one definition trainer and worker share."""
+    if temperature == 1.0:
+        return logits.softmax(dim=-1)
+    return (logits / temperature).softmax(dim=-1)
 
 
 def top_values(probabilities: torch.Tensor, values: Sequence[str]) -> list[tuple[str, float]]:
@@ -133,3 +149,132 @@ def accuracy_and_macro_f1(confusion: torch.Tensor) -> tuple[float, float]:
     f1 = 2 * tp / (support + predicted).clamp(min=1)
     present = (support + predicted) > 0
     return float(tp.sum() / total), float(f1[present].mean())
+
+
+# --- calibration and abstention (issue 11) -------------------------------------------------------
+
+TEMPERATURE_BOUNDS = (0.1, 10.0)
+"""The temperature search's range. Beyond it the validation split is saying something other than
+"rescale": T -> 0 when every validation prediction is right (the NLL keeps falling as the model
+grows surer), T -> inf when they are all wrong. A fitted T at a bound is reported as such."""
+ECE_BINS = 15
+MIN_THRESHOLD_SUPPORT = 10
+"""A review threshold must leave at least this many validation predictions at or above it: the
+precision of 2 predictions says nothing (at 10 a 0.95 target means 10 out of 10 right)."""
+REVIEW_ALL = 1.01
+"""The threshold recorded when no threshold reaches the target precision on validation: above
+any confidence, so every prediction of that attribute carries needs_review=true (JSON has no
+infinity)."""
+
+
+def _labeled(logits_or_probs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    keep = targets != IGNORE
+    return logits_or_probs[keep], targets[keep]
+
+
+def temperature_nll(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> float:
+    """Mean negative log-likelihood of `targets` under softmax(logits / T), IGNORE targets left out."""
+    logits, targets = _labeled(logits.double(), targets.long())
+    if not len(targets):
+        return 0.0
+    return float(F.cross_entropy(logits / temperature, targets))
+
+
+def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, iterations: int = 60) -> float:
+    """The T minimising the NLL of softmax(logits [N, V] / T) on `targets` [N] (temperature scaling).
+
+    IGNORE targets are left out; with no labeled row, 1.0 (no change). A golden-section search
+    over log T within TEMPERATURE_BOUNDS: the NLL is convex in 1/T, hence unimodal in log T, so
+    the search is exact to its tolerance, deterministic, and needs no optimiser state (LBFGS on
+    a handful of validation images can step outside any sensible range).
+    """
+    logits, targets = _labeled(logits.double(), targets.long())
+    if not len(targets):
+        return 1.0
+    low, high = math.log(TEMPERATURE_BOUNDS[0]), math.log(TEMPERATURE_BOUNDS[1])
+    ratio = (math.sqrt(5) - 1) / 2
+
+    def nll(log_t: float) -> float:
+        return float(F.cross_entropy(logits / math.exp(log_t), targets))
+
+    a, b = high - ratio * (high - low), low + ratio * (high - low)
+    fa, fb = nll(a), nll(b)
+    for _ in range(iterations):
+        if fa <= fb:  # the minimum lies in [low, b]
+            high, b, fb = b, a, fa
+            a = high - ratio * (high - low)
+            fa = nll(a)
+        else:
+            low, a, fa = a, b, fb
+            b = low + ratio * (high - low)
+            fb = nll(b)
+    return math.exp((low + high) / 2)
+
+
+@dataclass(frozen=True)
+class ReliabilityBin:
+    """One confidence bin [lower, upper): how many predictions, their mean confidence and accuracy."""
+
+    lower: float
+    upper: float
+    count: int
+    confidence: float
+    accuracy: float
+
+
+def reliability_bins(probabilities: torch.Tensor, targets: torch.Tensor, bins: int = ECE_BINS) -> list[ReliabilityBin]:
+    """Equal-width bins of top-1 confidence over the labeled rows of `probabilities` [N, V].
+
+    The last bin includes 1.0. Empty bins are kept (count 0), so plots share their x axis.
+    """
+    probabilities, targets = _labeled(probabilities.double(), targets.long())
+    confidence, predicted = probabilities.max(dim=-1)
+    correct = (predicted.long() == targets).double()
+    index = (confidence * bins).long().clamp(max=bins - 1)
+    out = []
+    for b in range(bins):
+        members = index == b
+        count = int(members.sum())
+        out.append(ReliabilityBin(
+            lower=b / bins, upper=(b + 1) / bins, count=count,
+            confidence=float(confidence[members].mean()) if count else 0.0,
+            accuracy=float(correct[members].mean()) if count else 0.0,
+        ))
+    return out
+
+
+def expected_calibration_error(probabilities: torch.Tensor, targets: torch.Tensor, bins: int = ECE_BINS) -> float:
+    """ECE: the count-weighted mean |accuracy - confidence| over `reliability_bins` (0 with no labeled row)."""
+    table = reliability_bins(probabilities, targets, bins)
+    total = sum(b.count for b in table)
+    if not total:
+        return 0.0
+    return sum(b.count / total * abs(b.accuracy - b.confidence) for b in table)
+
+
+def threshold_for_precision(
+    confidences: torch.Tensor, correct: torch.Tensor, target: float, min_support: int = MIN_THRESHOLD_SUPPORT
+) -> float | None:
+    """The lowest confidence threshold t whose predictions (confidence >= t) reach `target` precision.
+
+    `confidences` [N] are the predictions' top-1 (calibrated) probabilities and `correct` [N]
+    whether each was right. Only thresholds that keep at least `min_support` predictions count.
+    None when no threshold does (too few predictions, or the target is out of reach): the caller
+    decides what that means (the trainer records REVIEW_ALL for a labeled attribute). The lowest
+    qualifying t, not the first from the top: precision is not monotone in t, and the lowest
+    one sends the fewest predictions to review.
+    """
+    if len(confidences) == 0:
+        return None
+    order = torch.argsort(confidences.double(), descending=True)
+    conf = confidences.double()[order]
+    hits = correct.double()[order].cumsum(0)
+    kept = torch.arange(1, len(conf) + 1, dtype=torch.float64)
+    precision = hits / kept
+    # a threshold t keeps every prediction with confidence >= t: only the last of equal confidences is a cut
+    last_of_tie = torch.ones_like(conf, dtype=torch.bool)
+    last_of_tie[:-1] = conf[:-1] != conf[1:]
+    ok = (precision >= target) & (kept >= min_support) & last_of_tie
+    if not bool(ok.any()):
+        return None
+    return float(conf[ok].min())

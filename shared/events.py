@@ -58,8 +58,14 @@ class UploadEvent(BaseModel):
 
 class AttributeResult(BaseModel):
     value: str
-    confidence: float
+    confidence: float = Field(description="The value's probability, calibrated with the model's temperature "
+                              "for this attribute (schema 2; schema 1: the raw softmax)")
     scores: dict[str, float]
+    needs_review: bool = Field(False, description="confidence below the attribute's review threshold "
+                               "(schema 2; absent in schema 1). The value is given either way.")
+
+
+RESULT_SCHEMA_VERSION = 2
 
 
 class ImageInfo(BaseModel):
@@ -79,9 +85,14 @@ class ModelInfo(BaseModel):
 
 
 class ResultRecord(BaseModel):
-    """The result file at s3://<bucket>/<results-prefix>/<category>/<product_id>.json."""
+    """The result file at s3://<bucket>/<results-prefix>/<category>/<product_id>.json.
 
-    schema_version: Literal[1] = 1
+    Schema 2 (written now) adds `needs_review`, per attribute and for the result (any attribute),
+    and its confidences and scores are calibrated probabilities. Schema 1 files still parse (as
+    needs_review false).
+    """
+
+    schema_version: Literal[1, 2] = RESULT_SCHEMA_VERSION
     event_id: str
     product_id: str
     category: str
@@ -89,6 +100,7 @@ class ResultRecord(BaseModel):
     image: ImageInfo
     model: ModelInfo
     attributes: dict[str, AttributeResult]
+    needs_review: bool = Field(False, description="True when any attribute needs review (schema 2)")
     timings: dict[str, Any] = Field(
         default_factory=dict,
         description="fetch/decode/queue/model ms and finished_at: the only part that varies on re-run",

@@ -62,6 +62,16 @@ class Manifest(BaseModel):
     train_seed: int | None = None
     software: dict[str, str] = Field(default_factory=dict, description="shelfsight version and commit, python, "
                                      "torch, torchvision, open_clip, timm versions")
+    # Calibration and abstention (issue 11; absent from older manifests: T = 1 and never review):
+    temperatures: dict[str, float] = Field(default_factory=dict, description="attribute -> temperature T fitted "
+                                           "on the validation split; workers serve softmax(logits / T); 1.0 if absent")
+    review_thresholds: dict[str, float] = Field(
+        default_factory=dict, description="attribute -> lowest calibrated confidence whose validation precision "
+        "reaches review_target_precision; a prediction below it needs review. Absent: never reviewed; "
+        "above 1 (clip_math.REVIEW_ALL): always reviewed"
+    )
+    calibration: dict[str, Any] = Field(default_factory=dict, description="how they were chosen: target "
+                                        "precision, per attribute validation support and test ECE before/after")
     signature: str | None = Field(
         None, description="hmac-sha256:<hex> over the rest of the manifest (shared/model_signing.py); "
         "set by the trainer when SHELFSIGHT_MODEL_SIGNING_KEY is, required by workers then"

@@ -47,7 +47,7 @@ def test_result_has_every_attribute_with_distribution(service: ExtractionService
     outcome = service.process(_event(event_id="e-1"))
     assert outcome.status == "result", outcome
     record = json.loads(service.store.get(BUCKET, "results/pans/sku-1.json").body)
-    assert record["schema_version"] == 1 and record["event_id"] == "e-1"
+    assert record["schema_version"] == 2 and record["event_id"] == "e-1"
     assert record["model"]["mode"] == "zero_shot" and record["model"]["version"] == "zero-shot"
     assert set(record["attributes"]) == {"lid", "handle"}
     for result in record["attributes"].values():
