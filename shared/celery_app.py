@@ -20,6 +20,9 @@ EXTRACT_TASK = "shelfsight.extract"
 TRAIN_TASK = "shelfsight.train_category"
 IMPORT_LABELS_TASK = "shelfsight.import_labels"
 RETRAIN_ALL_TASK = "shelfsight.retrain_all"
+# Re-extractions are EXTRACT_TASK messages sent to settings.backfill_queue (see shelfsight.shared.backfill);
+# this task plans them after a promotion (settings.backfill_after_promotion), on the training queue.
+BACKFILL_TASK = "shelfsight.backfill_category"
 
 TRAINER_TASK_MODULE = "shelfsight.trainer.tasks"
 # kombu keeps delivered-but-unacked messages in one hash per name, and every consumer that uses
@@ -55,6 +58,10 @@ def broker_transport_options(settings: Settings, kind: ConsumerKind = "extract")
         "socket_connect_timeout": settings.broker_connect_timeout_s,
         "socket_keepalive": True,
         "health_check_interval": settings.broker_health_check_interval_s,
+        # a worker consuming several queues takes live uploads before re-extractions, always
+        # (kombu's default takes the queues in turn); see shelfsight.shared.redis_transport
+        "queue_order_strategy": "priority",
+        "queue_priority": [settings.extract_queue, settings.backfill_queue],
     }
     if kind == "training":
         options.update(unacked_key=TRAINING_UNACKED_KEY, unacked_index_key=f"{TRAINING_UNACKED_KEY}_index",
@@ -63,18 +70,19 @@ def broker_transport_options(settings: Settings, kind: ConsumerKind = "extract")
 
 
 def create_celery_app(
-    settings: Settings, *, tasks: Sequence[str] = (), kind: ConsumerKind | None = None
+    settings: Settings, *, tasks: Sequence[str] = (), kind: ConsumerKind | None = None, current: bool = True
 ) -> Celery:
     """Build a Celery app for these settings.
 
     `tasks` names the task modules this process registers (none for a producer). `kind` says
     which queue's delivery settings a worker of this app uses; by default "training" when the
     trainer's task module is registered, else "extract". The Settings object rides on the app
-    (``app.shelfsight_settings``) so tasks reach it without building a second one.
+    (``app.shelfsight_settings``) so tasks reach it without building a second one. `current`
+    False leaves the process's current app as it is (a producer app built inside a worker).
     """
     if kind is None:
         kind = "training" if TRAINER_TASK_MODULE in tasks else "extract"
-    app = Celery("shelfsight", broker=settings.broker_url, backend=settings.result_backend)
+    app = Celery("shelfsight", broker=settings.broker_url, backend=settings.result_backend, set_as_current=current)
     if settings.broker_url.startswith("redis://"):
         app.conf.broker_transport = CRASH_SAFE_REDIS_TRANSPORT
     app.conf.update(
@@ -101,13 +109,14 @@ def create_celery_app(
         # Soft shutdown: a stopping worker finishes and acks its in-flight batch, then requeues
         # what is left at once (instead of after the Redis visibility timeout).
         worker_soft_shutdown_timeout=settings.worker_soft_shutdown_timeout_s,
-        task_queues=[Queue(settings.extract_queue), Queue(settings.training_queue)],
+        task_queues=[Queue(settings.extract_queue), Queue(settings.training_queue), Queue(settings.backfill_queue)],
         task_default_queue=settings.extract_queue,
         task_routes={
             EXTRACT_TASK: {"queue": settings.extract_queue},
             TRAIN_TASK: {"queue": settings.training_queue},
             IMPORT_LABELS_TASK: {"queue": settings.training_queue},
             RETRAIN_ALL_TASK: {"queue": settings.training_queue},
+            BACKFILL_TASK: {"queue": settings.training_queue},
         },
         task_track_started=True,
         result_expires=7 * 24 * 3600,

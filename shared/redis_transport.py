@@ -18,6 +18,15 @@ Keys, per queue: `<prefix>:<queue>` (a set of consumer ids), `<prefix>:<queue>:<
 in-flight list), `<prefix>:<queue>:<id>:alive` (the heartbeat). Messages are read from the
 queue's base list only (`priority_steps` [0]; shelfsight never publishes with priorities).
 
+Several queues (an extraction worker takes live uploads from `extract` and re-extractions from
+`backfill`): BRPOPLPUSH blocks on one list only, so polling them in turn made a message wait up
+to a poll timeout per other queue, and took the queues in turn whatever their order. Instead, a
+script pops the first non-empty queue in order (`queue_order_strategy` "priority", and the
+`queue_priority` option naming the order, highest first) into its in-flight list, at once; only
+when every queue is empty does the consumer block, on the first queue alone. A live upload is
+taken the moment a thread is free; a re-extraction waits while live ones are queued, and at
+most one poll timeout (1 s) after arriving in an idle worker.
+
 Selected by `shelfsight.shared.celery_app` for redis:// broker URLs.
 """
 
@@ -53,6 +62,17 @@ return moved
 """
 
 
+# Pop the first non-empty queue into its in-flight list. KEYS: queue1, inflight1, queue2, inflight2...;
+# ARGV: the queue names in the same order. Returns {queue name, message} or nil when all are empty.
+_POP_FIRST = """
+for i = 1, #ARGV do
+  local item = redis.call('RPOPLPUSH', KEYS[2 * i - 1], KEYS[2 * i])
+  if item then return {ARGV[i], item} end
+end
+return nil
+"""
+
+
 class QoS(kombu_redis.QoS):
     """kombu's QoS; its restore sweep also recovers the in-flight lists of dead consumers."""
 
@@ -65,7 +85,9 @@ class Channel(kombu_redis.Channel):
     QoS = QoS
 
     inflight_alive_s = 30  # heartbeat TTL; transport option
-    from_transport_options = (*kombu_redis.Channel.from_transport_options, "inflight_alive_s")  # type: ignore[assignment]
+    queue_priority: tuple[str, ...] = ()  # queues consumed first, highest first; transport option
+    from_transport_options = (*kombu_redis.Channel.from_transport_options,  # type: ignore[assignment]
+                              "inflight_alive_s", "queue_priority")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -73,6 +95,7 @@ class Channel(kombu_redis.Channel):
         self._alive_at: dict[str, float] = {}
         self._reaped_at = 0.0
         self._popping_from: str | None = None
+        self._block_next = False  # several queues: block only after a pop found them all empty
 
     # --- keys ----------------------------------------------------------------------------------
     def _inflight_set(self, queue: str) -> str:
@@ -85,30 +108,50 @@ class Channel(kombu_redis.Channel):
     def _brpop_start(self, timeout: float | None = None) -> None:
         if timeout is None:
             timeout = self.brpop_timeout
-        queues = self._queue_cycle.consume(len(self.active_queues))
+        queues = self._ordered(self._queue_cycle.consume(len(self.active_queues)))
         if not queues:
             return
-        # BRPOPLPUSH takes one source: poll the queues in turn (a worker of one kind consumes one
-        # queue; with several, a message waits at most one poll timeout per other queue)
-        queue = queues[0]
-        self._queue_cycle.rotate(queue)
-        self._keep_alive(queue)
-        self._popping_from = queue
+        for queue in queues:
+            self._keep_alive(queue)
         self._in_poll = self.client.connection
         self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]
-        wait = float(timeout or 1) / len(queues)  # Redis >= 6 takes fractions of a second
+        if len(queues) > 1 and not self._block_next:
+            # every queue in order, without blocking: the first message of the highest queue
+            self._popping_from = None
+            keys = [k for queue in queues for k in (self._q_for_pri(queue, 0), self._inflight_list(queue))]
+            self.client.connection.send_command("EVAL", _POP_FIRST, len(keys), *keys, *queues)
+            return
+        # one queue, or all were empty a moment ago: block on the first (BRPOPLPUSH takes one source)
+        self._block_next = False
+        queue = queues[0]
+        self._popping_from = queue
+        wait = float(timeout or 1)  # Redis >= 6 takes fractions of a second
         self.client.connection.send_command(
             "BRPOPLPUSH", self._q_for_pri(queue, 0), self._inflight_list(queue), f"{max(0.1, wait):.2f}")
+
+    def _ordered(self, queues: list[str]) -> list[str]:
+        """The queues in `queue_priority` order (those not named keep their cycle order, after)."""
+        if not self.queue_priority:
+            return list(queues)
+        rank = {name: i for i, name in enumerate(self.queue_priority)}
+        return sorted(queues, key=lambda q: rank.get(q, len(rank)))
 
     def _brpop_read(self, **options: Any) -> bool:
         try:
             try:
-                item = self.client.parse_response(self.client.connection, "BRPOPLPUSH", **options)
+                command = "BRPOPLPUSH" if self._popping_from is not None else "EVAL"
+                item = self.client.parse_response(self.client.connection, command, **options)
             except self.connection_errors:
                 self.client.connection.disconnect()
                 raise
             queue = self._popping_from
-            if not item or queue is None:
+            if queue is None:  # the ordered pop over several queues: {queue, message} or nothing
+                if not item:
+                    self._block_next = True
+                    raise kombu_redis.Empty()
+                queue, item = bytes_to_str(item[0]), item[1]
+                self._queue_cycle.rotate(queue)  # round robin takes turns; priority keeps its order
+            elif not item:
                 raise kombu_redis.Empty()
             self.connection._deliver(loads(bytes_to_str(item)), queue)  # records it as unacked
             with self.conn_or_acquire() as client:
@@ -122,7 +165,8 @@ class Channel(kombu_redis.Channel):
         if type == "LISTEN":
             self.subclient.parse_response()
         else:
-            self.client.parse_response(self.client.connection, "BRPOPLPUSH")
+            self.client.parse_response(self.client.connection,
+                                       "BRPOPLPUSH" if self._popping_from is not None else "EVAL")
 
     # --- liveness and recovery -----------------------------------------------------------------
     def _keep_alive(self, queue: str) -> None:
