@@ -41,7 +41,8 @@ def worker(settings: Settings, concurrency: int, hostname: str, processes: int, 
     app = create_worker_app(settings)
     app.start([
         *quiet, "worker", "--pool", "threads", "--concurrency", str(concurrency or settings.effective_concurrency()),
-        "--queues", settings.extract_queue, "--hostname", hostname,
+        # live uploads first, re-extractions when they leave room (the transport's queue_priority)
+        "--queues", f"{settings.extract_queue},{settings.backfill_queue}", "--hostname", hostname,
         "--without-mingle", "--without-gossip", "--loglevel", settings.log_level,
     ])
     return 1 if runtime_of(app).startup_failed else 0  # Celery's own exit code does not come back
