@@ -54,7 +54,7 @@ def trainer(settings: Settings, hostname: str) -> int:
 
 @click.group()
 def labels() -> None:
-    """Labeled products: import them (JSON lines, one product each)."""
+    """Labeled products: import them (JSON lines, CSV, or a Label Studio JSON export)."""
 
 
 def _read_label_file(path: str, settings: Settings) -> bytes | str:
@@ -77,28 +77,50 @@ def _read_label_file(path: str, settings: Settings) -> bytes | str:
     return data
 
 
+def _label_format(file: str, given: str | None) -> str:
+    """--format, else from the name: .csv is CSV, .json a Label Studio export, anything else JSONL."""
+    if given:
+        return given
+    suffix = Path(file).suffix.lower()
+    return {".csv": "csv", ".json": "label-studio"}.get(suffix, "jsonl")
+
+
+def _where(file: str, rejection: dict[str, Any], label_format: str) -> str:
+    if label_format == "label-studio":
+        task_id = rejection.get("task_id")
+        return f"{file}: task {rejection['line']}" + (f" (id {task_id})" if task_id is not None else "")
+    return f"{file}:{rejection['line']}"
+
+
 @labels.command("import", epilog="Exit codes: 0 all stored; 1 some lines rejected (the valid ones "
-                "are stored); 2 the file could not be read or is too large.")
+                "are stored); 2 the file could not be read or is too large. Formats: docs/labeling.md.")
 @click.argument("file")
+@click.option("--format", "label_format", type=click.Choice(["jsonl", "csv", "label-studio"]), default=None,
+              help="jsonl: one label per line; csv: product_id,category,image[,group_id][,labeled_at] and one "
+                   "column per attribute; label-studio: a Label Studio JSON export. Default: from FILE's "
+                   "extension (.csv, .json), else jsonl.")
 @json_option
 @pass_settings
-def import_labels(settings: Settings, file: str, as_json: bool) -> int:
-    """Validate and append labels from FILE (JSONL, '-' for stdin, or s3://bucket/key).
+def import_labels(settings: Settings, file: str, label_format: str | None, as_json: bool) -> int:
+    """Validate and append labels from FILE ('-' for stdin, or s3://bucket/key).
 
-    Every rejected line is listed on stderr with its line number and reason.
+    Every rejected line (CSV row, Label Studio task) is listed on stderr with where it is and why.
+    A category that reaches SHELFSIGHT_RETRAIN_AFTER_LABELS new labels gets a retrain enqueued.
     """
     from shelfsight.trainer.labels import LabelFileTooLarge
     from shelfsight.trainer.resources import TrainerResources
     from shelfsight.trainer.service import import_and_trigger
 
+    fmt = _label_format(file, label_format)
     try:
         source = _read_label_file(file, settings)
-        summary = import_and_trigger(TrainerResources.build(settings), source, app=create_celery_app(settings))
+        summary = import_and_trigger(TrainerResources.build(settings), source, app=create_celery_app(settings),
+                                     label_format=fmt)
     except (OSError, LabelFileTooLarge, ValueError) as exc:
         click.echo(f"labels not imported: {exc}", err=True)
         return EXIT_USAGE
     for rejection in summary["rejections"]:
-        click.echo(f"{file}:{rejection['line']}: rejected: {rejection['reason']}", err=True)
+        click.echo(f"{_where(file, rejection, fmt)}: rejected: {rejection['reason']}", err=True)
     if as_json:
         echo_json({k: v for k, v in summary.items() if k != "rejections"})
     else:

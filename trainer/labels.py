@@ -13,11 +13,23 @@ Rejections are never silent: each bad line comes back with its 1-based line numb
 reason (malformed JSON, schema error, unknown category/attribute/value, missing image). The
 good lines of a file with bad lines are still stored; the caller reports the rejections
 (the CLI exits non-zero).
+
+Three input formats (`LABEL_FORMATS`), all turned into the same label dicts and validated the
+same way:
+- jsonl: one LabelRecord per line.
+- csv: a header row with product_id, category, image (optional group_id, labeled_at) and one
+  column per attribute; an empty cell means "not labeled". Rejections name the CSV line.
+- label-studio: a Label Studio JSON export (a list of tasks). Each task's latest annotation that
+  was not cancelled gives the label: each `choices` result is an attribute (from_name) and its
+  value; product_id, category and the s3:// image come from the task's data (as
+  `shelfsight review export` writes them). Rejections name the task's position and id.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
@@ -27,16 +39,28 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
-from shelfsight.shared.events import LabelRecord, parse_s3_uri
+from shelfsight.shared.events import LabelRecord, UtcDatetime, parse_s3_uri
 from shelfsight.shared.image_sources import ImageSourcePolicy, ImageSourceRefused
+from shelfsight.shared.review import (
+    DATA_CATEGORY,
+    DATA_GROUP_ID,
+    DATA_IMAGE,
+    DATA_IMAGE_URI,
+    DATA_PRODUCT_ID,
+)
 from shelfsight.shared.storage import ObjectStore
 from shelfsight.shared.taxonomy import Taxonomy
 
 log = structlog.get_logger()
 
 _EXISTS_THREADS = 16
+
+LABEL_FORMATS = ("jsonl", "csv", "label-studio")
+CSV_COLUMNS = ("product_id", "category", "image", "group_id", "labeled_at")
+"""CSV columns that are not attributes; the first three are required."""
+_DATETIME: TypeAdapter[datetime] = TypeAdapter(UtcDatetime)
 
 
 class LabelFileTooLarge(ValueError):
@@ -49,9 +73,13 @@ class Rejection:
 
     line: int
     reason: str
+    task_id: str | None = None  # label-studio: the task's id; `line` is then its position (1-based)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"line": self.line, "reason": self.reason}
+        out: dict[str, Any] = {"line": self.line, "reason": self.reason}
+        if self.task_id is not None:
+            out["task_id"] = self.task_id
+        return out
 
 
 @dataclass
@@ -128,21 +156,185 @@ def _iter_lines(source: bytes | str | Sequence[Mapping[str, Any]]) -> Iterable[t
         yield from enumerate(source, start=1)
 
 
+# --- CSV and Label Studio: turned into label dicts, numbered by CSV line or task position --------
+
+Numbered = list[tuple[int, str | Mapping[str, Any]]]
+
+
+def _text_of(source: bytes | str) -> str:
+    """Text of a file; a UTF-8 byte order mark (spreadsheet exports write one) is dropped."""
+    return source.decode("utf-8-sig", errors="replace") if isinstance(source, bytes) else source.lstrip("\ufeff")
+
+
+def csv_labels(source: bytes | str) -> tuple[Numbered, list[Rejection]]:
+    """(CSV line number, label dict) per data row, and the rows rejected before validation.
+
+    Header: product_id, category, image, optional group_id and labeled_at, then one column per
+    attribute (any category's: a cell left empty is simply not labeled). Raises ValueError when
+    the header itself is unusable, since then no row can be read.
+    """
+    reader = csv.DictReader(io.StringIO(_text_of(source), newline=""))
+    if not reader.fieldnames:
+        raise ValueError("the CSV file is empty; its first line must be a header: product_id,category,image,<attribute>...")
+    names = [name.strip() for name in reader.fieldnames]
+    reader.fieldnames = names
+    missing = [c for c in CSV_COLUMNS[:3] if c not in names]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if missing or duplicated or "" in names:
+        problem = (f"lacks the column(s) {missing}" if missing else
+                   f"repeats the column(s) {duplicated}" if duplicated else "has a column without a name")
+        raise ValueError(f"the CSV header {problem}; it needs product_id, category, image and one column per attribute")
+    attribute_columns = [n for n in names if n not in CSV_COLUMNS]
+    rows: Numbered = []
+    rejected: list[Rejection] = []
+    try:
+        for row in reader:
+            line = reader.line_num
+            if None in row:  # DictReader keeps surplus cells under the key None
+                rejected.append(Rejection(line, f"{len(row[None])} more cell(s) than the header has columns"))
+                continue
+            cells = {name: (value or "").strip() for name, value in row.items()}
+            attributes = {name: cells[name] for name in attribute_columns if cells.get(name)}
+            if not attributes:
+                rejected.append(Rejection(line, "no attribute labeled: every attribute cell is empty"))
+                continue
+            label: dict[str, Any] = {k: cells[k] for k in CSV_COLUMNS if cells.get(k)}
+            label["attributes"] = attributes
+            rows.append((line, label))
+    except csv.Error as exc:
+        raise ValueError(f"CSV line {reader.line_num}: {exc}") from None
+    return rows, rejected
+
+
+def _timestamp(value: Any) -> datetime | None:
+    try:
+        return _DATETIME.validate_python(value) if value else None
+    except ValidationError:
+        return None
+
+
+def _latest_annotation(task: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The task's most recent annotation that was not cancelled (skipped); ValueError if none."""
+    annotations = task.get("annotations") or []
+    if not isinstance(annotations, list):
+        raise ValueError("'annotations' must be a list")
+    live = [(i, a) for i, a in enumerate(annotations) if isinstance(a, Mapping) and not a.get("was_cancelled")]
+    if not live:
+        raise ValueError("every annotation was cancelled (the task was skipped)" if annotations
+                         else "no annotation: the task was not labeled")
+    floor = datetime.min.replace(tzinfo=UTC)
+
+    def recency(pair: tuple[int, Mapping[str, Any]]) -> tuple[datetime, int]:
+        index, annotation = pair
+        when = _timestamp(annotation.get("updated_at")) or _timestamp(annotation.get("created_at"))
+        return when or floor, index
+
+    return max(live, key=recency)[1]
+
+
+def _choices(annotation: Mapping[str, Any]) -> dict[str, str]:
+    """attribute -> value from the annotation's `choices` results (other result types are ignored)."""
+    attributes: dict[str, str] = {}
+    for item in annotation.get("result") or []:
+        if not isinstance(item, Mapping) or item.get("type") != "choices":
+            continue
+        name, value = item.get("from_name"), item.get("value")
+        choices = value.get("choices") if isinstance(value, Mapping) else None
+        if not isinstance(name, str) or not isinstance(choices, list):
+            raise ValueError("a choices result needs from_name and value.choices")
+        if len(choices) > 1:
+            raise ValueError(f"{name}: {len(choices)} values chosen {choices}; an attribute takes one")
+        if choices:
+            attributes[name] = str(choices[0])
+    if not attributes:
+        raise ValueError("the annotation chose no value for any attribute")
+    return attributes
+
+
+def label_from_task(task: Any) -> dict[str, Any]:
+    """The label a labeled Label Studio task gives; ValueError with the reason when it gives none."""
+    if not isinstance(task, Mapping):
+        raise ValueError(f"a task must be a JSON object, got {type(task).__name__}")
+    data = task.get("data")
+    if not isinstance(data, Mapping):
+        raise ValueError("the task has no 'data' object: export the project as JSON (not JSON-MIN or CSV)")
+    annotation = _latest_annotation(task)
+    attributes = _choices(annotation)
+    missing = [k for k in (DATA_PRODUCT_ID, DATA_CATEGORY) if not data.get(k)]
+    if missing:
+        raise ValueError(f"the task data lacks {missing} (tasks written by `shelfsight review export` have them)")
+    image = data.get(DATA_IMAGE_URI) or data.get(DATA_IMAGE)
+    if not isinstance(image, str) or not image.startswith("s3://"):
+        raise ValueError(f"missing image: the task data needs an s3:// URI in {DATA_IMAGE_URI!r} or {DATA_IMAGE!r}")
+    label: dict[str, Any] = {"product_id": str(data[DATA_PRODUCT_ID]), "category": str(data[DATA_CATEGORY]),
+                             "image": image, "attributes": attributes}
+    if data.get(DATA_GROUP_ID):
+        label["group_id"] = str(data[DATA_GROUP_ID])
+    labeled_at = _timestamp(annotation.get("updated_at")) or _timestamp(annotation.get("created_at"))
+    if labeled_at is not None:
+        label["labeled_at"] = labeled_at.isoformat()
+    return label
+
+
+def label_studio_labels(source: bytes | str) -> tuple[Numbered, list[Rejection], dict[int, str]]:
+    """(task position, label dict) per labeled task of a Label Studio JSON export, the tasks
+    rejected before validation (no annotation, cancelled, no choices, no product or image...),
+    and each task's id by position (for the rejections validation adds later).
+
+    Raises ValueError when the file is not a JSON task list at all.
+    """
+    try:
+        payload = json.loads(_text_of(source))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not a Label Studio JSON export: {exc.msg} at line {exc.lineno}") from None
+    tasks = [payload] if isinstance(payload, Mapping) else payload
+    if not isinstance(tasks, list):
+        raise ValueError("a Label Studio JSON export is a list of tasks")
+    labels: Numbered = []
+    rejected: list[Rejection] = []
+    task_ids: dict[int, str] = {}
+    for number, task in enumerate(tasks, start=1):
+        if isinstance(task, Mapping) and task.get("id") is not None:
+            task_ids[number] = str(task["id"])
+        try:
+            labels.append((number, label_from_task(task)))
+        except ValueError as exc:
+            rejected.append(Rejection(number, str(exc), task_ids.get(number)))
+    return labels, rejected, task_ids
+
+
+def _numbered(source: bytes | str | Sequence[Mapping[str, Any]], label_format: str
+              ) -> tuple[Numbered, list[Rejection], dict[int, str]]:
+    """The source as numbered raw labels in the given format, what was rejected on the way, and
+    the Label Studio task ids by position (empty for the other formats)."""
+    if label_format not in LABEL_FORMATS:
+        raise ValueError(f"unknown label format {label_format!r}; one of {list(LABEL_FORMATS)}")
+    if not isinstance(source, bytes | str) or label_format == "jsonl":
+        return list(_iter_lines(source)), [], {}
+    if label_format == "csv":
+        return (*csv_labels(source), {})
+    return label_studio_labels(source)
+
+
 def validate_labels(
     source: bytes | str | Sequence[Mapping[str, Any]],
     taxonomy: Taxonomy,
     store: ObjectStore,
     sources: ImageSourcePolicy | None = None,
     max_future_skew_s: float | None = None,
+    label_format: str = "jsonl",
 ) -> tuple[list[tuple[int, LabelRecord]], list[Rejection]]:
-    """Parse and validate every line, then check each allowed image exists. Nothing is written."""
+    """Parse and validate every line (row, task), then check each allowed image exists. Nothing is written.
+
+    Raises ValueError when the source as a whole cannot be read in `label_format`.
+    """
+    numbered, rejected, task_ids = _numbered(source, label_format)
     parsed: list[tuple[int, LabelRecord]] = []
-    rejected: list[Rejection] = []
-    for number, raw in _iter_lines(source):
+    for number, raw in numbered:
         try:
             parsed.append((number, parse_line(raw, taxonomy, sources, max_future_skew_s)))
         except ValueError as exc:
-            rejected.append(Rejection(number, str(exc)))
+            rejected.append(Rejection(number, str(exc), task_ids.get(number)))
     uris = sorted({record.image for _, record in parsed})
     with ThreadPoolExecutor(max_workers=min(_EXISTS_THREADS, max(1, len(uris)))) as pool:
         found = dict(zip(uris, pool.map(lambda uri: _image_exists(store, uri), uris), strict=True))
@@ -151,7 +343,7 @@ def validate_labels(
         if found[record.image] is True:
             accepted.append((number, record))
         else:
-            rejected.append(Rejection(number, str(found[record.image])))
+            rejected.append(Rejection(number, str(found[record.image]), task_ids.get(number)))
     rejected.sort(key=lambda r: r.line)
     return accepted, rejected
 
@@ -181,19 +373,25 @@ def import_labels(
     max_bytes: int,
     sources: ImageSourcePolicy | None = None,
     max_future_skew_s: float | None = None,
+    label_format: str = "jsonl",
 ) -> ImportResult:
     """Validate labels and append the good ones to the label log; report every rejected line.
 
     Args:
-        source: JSONL bytes/text (one label per line), or a list of label dicts.
+        source: file bytes/text in `label_format` (see LABEL_FORMATS), or a list of label dicts.
         store, bucket, labels_prefix: where the label log lives.
         taxonomy: the categories, attributes and values labels must use.
         max_bytes: a JSONL source larger than this is refused whole (LabelFileTooLarge).
         sources: the image allowlist; a line whose image is outside it is rejected.
         max_future_skew_s: a line whose labeled_at is further ahead than this is rejected.
+        label_format: jsonl, csv (a line per row) or label-studio (a JSON export; "line" is
+            the task's position and the rejection carries its task_id).
 
     Returns:
         ImportResult with accepted/rejected counts, rejections (line, reason), keys written.
+
+    Raises:
+        LabelFileTooLarge; ValueError when the file as a whole cannot be read in that format.
     """
     if isinstance(source, bytes | str):
         size = len(source.encode() if isinstance(source, str) else source)
@@ -202,7 +400,7 @@ def import_labels(
                 f"label file is {size} bytes; the limit is {max_bytes} "
                 "(SHELFSIGHT_MAX_LABEL_FILE_BYTES). Split it into smaller files."
             )
-    accepted, rejected = validate_labels(source, taxonomy, store, sources, max_future_skew_s)
+    accepted, rejected = validate_labels(source, taxonomy, store, sources, max_future_skew_s, label_format)
     result = ImportResult(rejected=rejected)
     by_category: dict[str, list[LabelRecord]] = {}
     for _, record in accepted:
@@ -216,6 +414,7 @@ def import_labels(
         result.accepted += len(records)
     log.info(
         "labels.imported",
+        format=label_format,
         accepted=result.accepted,
         rejected=len(result.rejected),
         per_category=result.per_category,

@@ -78,11 +78,14 @@ def read_label_source(resources: TrainerResources, source: str | Sequence[Mappin
 
 
 def import_and_trigger(
-    resources: TrainerResources, source: bytes | str | Sequence[Mapping[str, Any]], app: Celery | None = None
+    resources: TrainerResources, source: bytes | str | Sequence[Mapping[str, Any]], app: Celery | None = None,
+    label_format: str = "jsonl",
 ) -> dict[str, Any]:
     """Import labels (see trainer.labels.import_labels), then count them towards retraining.
 
-    `source`: JSONL bytes, an s3:// URI of a JSONL object, or a list of label dicts. When a
+    `source`: file bytes in `label_format` (jsonl, csv, label-studio), an s3:// URI of such an
+    object, or a list of label dicts. Every format takes this one path, so a CSV or a Label
+    Studio export counts towards a retrain like JSONL does. When a
     category reaches settings.retrain_after_labels new labels and `app` is given, a training is
     enqueued (or the pending one reported) and the count starts again.
     """
@@ -92,6 +95,7 @@ def import_and_trigger(
         data, store=resources.store, bucket=settings.bucket, labels_prefix=settings.labels_prefix,
         taxonomy=resources.taxonomy, max_bytes=settings.max_label_file_bytes,
         sources=ImageSourcePolicy.from_settings(settings), max_future_skew_s=settings.max_future_skew_s,
+        label_format=label_format,
     )
     summary = result.as_dict()
     summary["retrain"] = {}
