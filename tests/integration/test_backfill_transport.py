@@ -6,7 +6,9 @@ whenever both wait, and must not make either wait a poll timeout per other queue
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Callable
 
 import redis
 from kombu import Connection, Exchange, Queue
@@ -26,13 +28,11 @@ def _publish(conn: Connection, queue: str, body: dict) -> None:
                             declare=[_queue(queue)], serializer="json")
 
 
-def _drain(conn: Connection, got: list, count: int, timeout_s: float = 10.0) -> None:
+def _drain_until(conn: Connection, done: Callable[[], bool], timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
-    while len(got) < count and time.monotonic() < deadline:
-        try:
+    while not done() and time.monotonic() < deadline:
+        with contextlib.suppress(TimeoutError):
             conn.drain_events(timeout=1)
-        except TimeoutError:
-            pass
 
 
 def test_live_messages_are_taken_before_backfill_ones_whatever_arrived_first(settings: Settings) -> None:
@@ -52,7 +52,7 @@ def test_live_messages_are_taken_before_backfill_ones_whatever_arrived_first(set
 
         # the consumer lists bulk first: the transport's priority option, not the order, decides
         with conn.Consumer([_queue("bulk"), _queue("live")], callbacks=[on_message], accept=["json"]):
-            _drain(conn, got, 9)
+            _drain_until(conn, lambda: len(got) >= 9)
     assert got == ["live-0", "live-1", "live-2", "bulk-0", "live-late", "bulk-1", "bulk-2", "bulk-3", "bulk-4"]
     client = redis.Redis.from_url(url)
     assert not [k for k in client.scan_iter("shelfsight:inflight:*:*") if not k.endswith(b":alive")
@@ -69,26 +69,12 @@ def test_an_idle_consumer_of_two_queues_takes_either_without_a_poll_per_queue(se
 
         with conn.Consumer([_queue("live"), _queue("bulk")], callbacks=[on_message], accept=["json"]):
             for _ in range(2):  # both queues empty: the consumer is blocked on the live one
-                try:
+                with contextlib.suppress(TimeoutError):
                     conn.drain_events(timeout=0.3)
-                except TimeoutError:
-                    pass
             with Connection(url) as producer:
                 _publish(producer, "live", {"n": "live", "sent": time.monotonic()})
-                got: list = []
-                _drain(conn, got, 0, timeout_s=0)
-                deadline = time.monotonic() + 5
-                while "live" not in arrived and time.monotonic() < deadline:
-                    try:
-                        conn.drain_events(timeout=1)
-                    except TimeoutError:
-                        pass
+                _drain_until(conn, lambda: "live" in arrived)
                 _publish(producer, "bulk", {"n": "bulk", "sent": time.monotonic()})
-                deadline = time.monotonic() + 5
-                while "bulk" not in arrived and time.monotonic() < deadline:
-                    try:
-                        conn.drain_events(timeout=1)
-                    except TimeoutError:
-                        pass
+                _drain_until(conn, lambda: "bulk" in arrived)
     assert arrived["live"] < 0.25  # woken by the message itself
     assert arrived["bulk"] < 1.5  # at most one blocking poll (1 s) on the live queue
