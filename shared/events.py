@@ -65,7 +65,7 @@ class AttributeResult(BaseModel):
                                "(schema 2; absent in schema 1). The value is given either way.")
 
 
-RESULT_SCHEMA_VERSION = 2
+RESULT_SCHEMA_VERSION: Literal[2] = 2
 
 
 class ImageInfo(BaseModel):

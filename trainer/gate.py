@@ -33,6 +33,7 @@ from shelfsight.shared.model_signing import load_trusted_manifest
 from shelfsight.shared.settings import Settings
 from shelfsight.shared.storage import ObjectMissing, TransientStorageError
 from shelfsight.trainer.bootstrap import PairedBootstrap, paired_bootstrap
+from shelfsight.trainer.calibration import Calibration, calibrate
 from shelfsight.trainer.category_data import TrainingData, TransientFetchError, zero_shot_spec
 from shelfsight.trainer.dataset import LabeledImages
 from shelfsight.trainer.evaluate import EvalResult, HeadSpec, evaluate
@@ -73,6 +74,7 @@ class GateOutcome:
     champion_version: str  # a registry version, or "zero-shot"
     current_version: str | None  # CURRENT when the champion was chosen: promotion requires it unchanged
     decision_: Decision
+    calibration: Calibration | None = None  # temperatures and review thresholds (trainer.calibration)
 
     @property
     def promote(self) -> bool:
@@ -106,11 +108,15 @@ def train_and_gate(
     result = fit(bundle, spec, data.splits["train"], data.splits["val"], config, progress)
     progress({"phase": "evaluating"})
     challenger = evaluate(bundle, spec, test, batch_size=config.eval_batch_size)
+    progress({"phase": "calibrating"})
+    calibration = calibrate(bundle, spec, data.splits["val"], test, settings.review_target_precision,
+                            batch_size=config.eval_batch_size)
     labeled = labeled_attributes(data, spec)
     decision = decide_promotion(challenger, champion.result, champion.version, labeled, settings)
     if champion.notes:
         decision = Decision(decision.promote, decision.reason, {**decision.checks, "champion_notes": champion.notes})
-    return GateOutcome(result, challenger, champion.result, champion.version, champion.current, decision)
+    return GateOutcome(result, challenger, champion.result, champion.version, champion.current, decision,
+                       calibration)
 
 
 def labeled_attributes(data: TrainingData, spec: HeadSpec) -> list[str]:

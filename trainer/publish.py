@@ -67,7 +67,7 @@ def publish(
         labels_snapshot=snapshot, test_set_key=data.labels.test_set_key,
         parent_version=None if outcome.champion_version == ZERO_SHOT else outcome.champion_version,
         training={**outcome.fit.summary(), "splits": data.sizes, "report": report_key(resources, category, version)},
-        **provenance(settings, bundle, data),
+        **provenance(settings, bundle, data), **calibration_fields(outcome),
     )
     if settings.model_signing_key is not None and settings.model_signing_key.get_secret_value():
         manifest = sign_manifest(manifest, settings.model_signing_key)  # last: it covers every field
@@ -88,6 +88,15 @@ def provenance(settings: Settings, bundle: ClipBundle, data: TrainingData) -> di
         "device": describe_device(bundle.device), "split_seed": settings.train_split_seed,
         "train_seed": settings.train_seed, "software": software_versions(),
     }
+
+
+def calibration_fields(outcome: GateOutcome) -> dict[str, Any]:
+    """The manifest's temperatures, review thresholds and calibration summary (none: T = 1, never review)."""
+    if outcome.calibration is None:
+        return {}
+    return {"temperatures": outcome.calibration.temperatures,
+            "review_thresholds": outcome.calibration.review_thresholds,
+            "calibration": outcome.calibration.manifest_summary()}
 
 
 def _promote_if_still_entitled(
@@ -147,4 +156,5 @@ def _report(
         "test": {"challenger": outcome.challenger.as_dict(), "champion": outcome.champion.as_dict(),
                  "champion_version": outcome.champion_version, "test_set_key": data.labels.test_set_key,
                  "test_set_sha256": data.labels.test_set_sha256},
+        "calibration": outcome.calibration.report if outcome.calibration else None,
     }

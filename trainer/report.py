@@ -1,4 +1,5 @@
-"""A training run's report: JSON plus PNG plots (loss curves, confusion matrices, champion vs challenger).
+"""A training run's report: JSON plus PNG plots (loss curves, confusion matrices, champion vs challenger,
+reliability diagram of the calibration).
 
 Pure rendering: takes dicts, returns bytes. The caller decides where they go (the registry
 uploads them beside the checkpoint).
@@ -20,6 +21,7 @@ from matplotlib.figure import Figure
 REPORT_NAME = "report.json"
 LOSS_PLOT = "loss_curves.png"
 COMPARISON_PLOT = "champion_vs_challenger.png"
+RELIABILITY_PLOT = "reliability.png"
 
 
 def confusion_plot_name(attribute: str) -> str:
@@ -89,6 +91,42 @@ def comparison_plot(challenger: dict[str, Any], champion: dict[str, Any] | None,
     return _png(fig)
 
 
+def reliability_plot(calibration: dict[str, Any], title: str) -> bytes:
+    """Per attribute, test accuracy against confidence per bin, before and after temperature scaling.
+
+    A calibrated model sits on the diagonal. Marker area follows the bin's count; the legend
+    gives each curve's ECE and the fitted temperature.
+    """
+    attributes = {a: e for a, e in calibration.get("attributes", {}).items() if e.get("test_support")}
+    columns = max(1, len(attributes))
+    fig, axes = plt.subplots(1, columns, figsize=(4 * columns, 4.2), squeeze=False)
+    for ax, (attribute, entry) in zip(axes[0], attributes.items(), strict=False):
+        ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
+        for when, colour in (("before", "tab:red"), ("after", "tab:blue")):
+            bins = [b for b in entry["reliability"][when] if b["count"]]
+            label = (f"{when} (ECE {entry[f'ece_{when}']:.3f})" if when == "before"
+                     else f"after, T={entry['temperature']:.2f} (ECE {entry['ece_after']:.3f})")
+            ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], color=colour, marker="o",
+                    markersize=3, label=label)
+            ax.scatter([b["confidence"] for b in bins], [b["accuracy"] for b in bins], color=colour, alpha=0.3,
+                       s=[12 * b["count"] for b in bins])
+        threshold = entry.get("review_threshold")
+        if threshold is not None and threshold <= 1:
+            ax.axvline(threshold, color="tab:green", linestyle=":", label=f"review below {threshold:.3f}")
+        ax.set_xlim(0, 1.02)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("confidence (top-1 probability)")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(f"{attribute} (n={entry['test_support']}, {entry['status']})", fontsize=9)
+        ax.legend(fontsize=7, loc="upper left")
+        ax.grid(alpha=0.3)
+    if not attributes:
+        axes[0][0].text(0.5, 0.5, "no labeled test images", ha="center", va="center")
+    fig.suptitle(f"{title}\nreliability on the test split, target precision "
+                 f"{calibration.get('target_precision', 0):.2f}", fontsize=10)
+    return _png(fig)
+
+
 def _gain_line(decision: dict[str, Any]) -> str:
     """The gate's evidence under the title: gain and its bootstrap interval, and the verdict."""
     mean = (decision.get("bootstrap") or {}).get("mean")
@@ -109,6 +147,8 @@ def render_report(report: dict[str, Any]) -> dict[str, tuple[bytes, str]]:
             "image/png",
         ),
     }
+    if report.get("calibration"):
+        files[RELIABILITY_PLOT] = (reliability_plot(report["calibration"], title), "image/png")
     for attribute, metrics in report["test"]["challenger"]["attributes"].items():
         if metrics.get("confusion"):
             files[confusion_plot_name(attribute)] = (confusion_plot(attribute, metrics, title), "image/png")
