@@ -20,6 +20,7 @@ from typing import Any
 import structlog
 from celery import Celery
 
+from shelfsight.shared.backfill import request_backfill
 from shelfsight.shared.events import parse_s3_uri
 from shelfsight.shared.image_sources import ImageSourcePolicy
 from shelfsight.shared.model_factory import ClipBundle, create_clip
@@ -202,6 +203,8 @@ def train_category(
         resources.redis.set(finished_key(owner), json.dumps({"token": token, "status": summary["status"],
                                                               "version": summary["version"]}),
                             ex=_finished_ttl_s(resources))
+        if summary["promoted"]:  # settings.backfill_after_promotion: re-extract behind live uploads
+            request_backfill(settings, category, summary["version"])
         return summary
     finally:
         release_training_lock(resources.redis, category, lock_value)
@@ -255,12 +258,15 @@ def _run_summary(
 
 
 def promote_version(resources: TrainerResources, category: str, version: str, reason: str) -> dict[str, Any]:
-    """Operator promotion: flip CURRENT and announce."""
-    return promote_and_announce(resources, category, version, reason).model_dump(mode="json")
+    """Operator promotion: flip CURRENT and announce (then the backfill, when configured)."""
+    pointer = promote_and_announce(resources, category, version, reason).model_dump(mode="json")
+    request_backfill(resources.settings, category, version)
+    return pointer
 
 
 def rollback_category(resources: TrainerResources, category: str) -> dict[str, Any]:
     """Serve the previous version again, and announce it."""
     pointer = resources.registry.rollback(category)
     announce_model(resources.redis, resources.settings.model_events_channel, category, pointer.version)
+    request_backfill(resources.settings, category, pointer.version)  # results back to the version serving
     return pointer.model_dump(mode="json")

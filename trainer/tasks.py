@@ -12,7 +12,13 @@ from typing import Any
 import structlog
 from celery import Task, shared_task
 
-from shelfsight.shared.celery_app import IMPORT_LABELS_TASK, RETRAIN_ALL_TASK, TRAIN_TASK
+from shelfsight.shared import backfill
+from shelfsight.shared.celery_app import (
+    BACKFILL_TASK,
+    IMPORT_LABELS_TASK,
+    RETRAIN_ALL_TASK,
+    TRAIN_TASK,
+)
 from shelfsight.trainer import metrics, service
 from shelfsight.trainer.app import resources_of
 from shelfsight.trainer.train import Progress
@@ -88,3 +94,29 @@ def retrain_all(self: Task) -> dict[str, Any]:
         enqueued = service.retrain_all(self.app, resources)
         log.info("task.retrain_all", categories=sorted(enqueued))
         return enqueued
+
+
+@shared_task(bind=True, name=BACKFILL_TASK)
+def backfill_category(self: Task, category: str, version: str, start_after: str = "") -> dict[str, Any]:
+    """After a promotion: enqueue the re-extraction of a chunk of the category's stale results.
+
+    Hands over to a copy of itself for the next chunk (later when the backfill queue is full), so
+    a training queued meanwhile is not held up; progress goes to the result backend (Flower).
+    """
+    resources = resources_of(self.app)
+    settings = resources.settings
+    with structlog.contextvars.bound_contextvars(category=category, task_id=self.request.id or ""):
+        runner = backfill.Backfill(self.app, resources.store, resources.redis, settings,
+                                   settings.backfill_rate_per_s)
+
+        def progress(stats: backfill.BackfillStats) -> None:
+            if self.request.id and stats.checked % 50 == 0:
+                self.update_state(state="PROGRESS", meta=stats.as_dict())
+
+        outcome = backfill.backfill_chunk(runner, resources.registry, category, version, start_after,
+                                          progress=progress)
+        if outcome.next_after is not None:
+            self.app.send_task(BACKFILL_TASK, countdown=outcome.delay_s or None, kwargs={
+                "category": category, "version": version, "start_after": outcome.next_after})
+        log.info("task.backfill.chunk", **outcome.as_dict())
+        return outcome.as_dict()
