@@ -7,12 +7,13 @@ nobody recorded it. A SIGKILLed worker holding a large heap takes tens of millis
 and its sockets stay open until the very end, so under a steady stream this is not rare (the
 chaos benchmark lost an event in most runs with five kills).
 
-This transport pops with BRPOPLPUSH into an in-flight list of its own consumer instead, records
-the message in the unacked index as kombu does, and only then removes it from the in-flight
-list. Each consumer keeps a heartbeat key alive while it polls; a sweep (run with kombu's own
-restore sweep) puts back the in-flight messages of consumers whose heartbeat has expired, at
-the consuming end of their queue. At worst a message is delivered twice (killed after the
-unacked record, before the in-flight removal): at-least-once, and the workers are idempotent.
+This transport pops with BRPOPLPUSH into an in-flight list of its own consumer instead, then
+records the message in the unacked index as kombu does and removes it from the in-flight list in
+the same MULTI/EXEC (one round trip; the message is always in exactly one of the two). Each
+consumer keeps a heartbeat key alive while it polls; a sweep (run with kombu's own restore sweep)
+puts back the in-flight messages of consumers whose heartbeat has expired, at the consuming end
+of their queue. At-least-once, and the workers are idempotent. The channel also reuses one Redis
+client for its commands where kombu builds a new one per call.
 
 Keys, per queue: `<prefix>:<queue>` (a set of consumer ids), `<prefix>:<queue>:<id>` (the
 in-flight list), `<prefix>:<queue>:<id>:alive` (the heartbeat). Messages are read from the
@@ -32,13 +33,16 @@ Selected by `shelfsight.shared.celery_app` for redis:// broker URLs.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual as kombu_virtual
 from kombu.utils.encoding import bytes_to_str
-from kombu.utils.json import loads
+from kombu.utils.json import dumps, loads
 
 INFLIGHT_PREFIX = "shelfsight:inflight"
 
@@ -76,6 +80,25 @@ return nil
 class QoS(kombu_redis.QoS):
     """kombu's QoS; its restore sweep also recovers the in-flight lists of dead consumers."""
 
+    def append(self, message: Any, delivery_tag: str) -> None:
+        """Record the message as unacked, as kombu does, and in the same MULTI/EXEC take it off the
+        in-flight list it was popped into: one round trip instead of two per message, and no window
+        in which it is both (a consumer killed there would have it delivered twice)."""
+        popped = self.channel._recording
+        if popped is None:  # not a pop of ours (kombu's own paths): kombu's bookkeeping alone
+            super().append(message, delivery_tag)
+            return
+        self.channel._recording = None
+        inflight, item = popped
+        delivery = message.delivery_info
+        with self.pipe_or_acquire() as pipe:
+            pipe.zadd(self.unacked_index_key, {delivery_tag: time.time()}) \
+                .hset(self.unacked_key, delivery_tag,
+                      dumps([message._raw, delivery["exchange"], delivery["routing_key"]])) \
+                .lrem(inflight, 1, item) \
+                .execute()
+        kombu_virtual.QoS.append(self, message, delivery_tag)
+
     def restore_visible(self, start: int = 0, num: int = 10, interval: int = 10) -> None:
         super().restore_visible(start=start, num=num, interval=interval)
         self.channel.reap_inflight()
@@ -96,6 +119,21 @@ class Channel(kombu_redis.Channel):
         self._reaped_at = 0.0
         self._popping_from: str | None = None
         self._block_next = False  # several queues: block only after a pop found them all empty
+        self._recording: tuple[str, bytes] | None = None  # (in-flight list, item) while it is delivered
+        self._sync_client: Any = None
+
+    @contextlib.contextmanager
+    def conn_or_acquire(self, client: Any = None) -> Iterator[Any]:
+        """kombu builds a new redis.Redis for each call (about 0.1 ms of CPU: it copies some 200
+        response callbacks), four or five times per message; one client over the channel's pool
+        serves them all (a client is thread-safe: each command takes a pooled connection)."""
+        if client:
+            yield client
+            return
+        shared = self._sync_client
+        if shared is None or shared.connection_pool is not self.pool:  # the pool is rebuilt on reconnect
+            shared = self._sync_client = self._create_client()
+        yield shared
 
     # --- keys ----------------------------------------------------------------------------------
     def _inflight_set(self, queue: str) -> str:
@@ -153,11 +191,14 @@ class Channel(kombu_redis.Channel):
                 self._queue_cycle.rotate(queue)  # round robin takes turns; priority keeps its order
             elif not item:
                 raise kombu_redis.Empty()
+            self._recording = (self._inflight_list(queue), item)  # QoS.append takes it off the list
             self.connection._deliver(loads(bytes_to_str(item)), queue)  # records it as unacked
-            with self.conn_or_acquire() as client:
-                client.lrem(self._inflight_list(queue), 1, item)  # now the unacked index covers it
+            if self._recording is not None:  # delivered without QoS.append (no_ack): clear it here
+                with self.conn_or_acquire() as client:
+                    client.lrem(self._inflight_list(queue), 1, item)
             return True
         finally:
+            self._recording = None
             self._in_poll = None  # type: ignore[assignment]
             self._flush_brpop_reauth()
 
