@@ -294,24 +294,33 @@ def models_list(settings: Settings, as_json: bool) -> int:
 @json_option
 @pass_settings
 def models_show(settings: Settings, category: str, version: str | None, as_json: bool) -> int:
-    """Print a version's manifest (default: the serving version)."""
+    """Print a version's manifest (default: the serving version), and for the serving version how
+    many results another version wrote (stale_results; reads every result of the category)."""
+    from shelfsight.shared.backfill import count_stale
     from shelfsight.shared.storage import ObjectMissing
 
     registry = _registry(settings)
     try:
+        pointer = registry.current(category)
         if version is None:
-            pointer = registry.current(category)
             if pointer is None:
                 raise ValueError(f"{category} has no promoted model; pass a VERSION (see `shelfsight models list`)")
             version = str(pointer.version)
         manifest = registry.manifest(category, version).model_dump(mode="json")
     except (ObjectMissing, ValueError) as exc:
         return _refusal("show", exc)
+    stale = None
+    if pointer is not None and pointer.version == version:  # the serving version: how many results lag it
+        stale, total = count_stale(registry.store, settings, category, version)
+        manifest["stale_results"] = {"stale": stale, "total": total}
     if as_json:
         echo_json(manifest)
         return EXIT_OK
     for line in describe_manifest(manifest):
         click.echo(line)
+    if stale is not None:
+        click.echo(f"{'stale_results':<20} {stale} of {total}"
+                   + (f" (run `shelfsight backfill --category {category} --stale-only`)" if stale else ""))
     return EXIT_OK
 
 
