@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import secrets
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, Field
 
@@ -30,6 +30,8 @@ from shelfsight.shared.events import UtcDatetime
 from shelfsight.shared.storage import ObjectMissing, ObjectStore, PreconditionFailed
 
 MANIFEST_SCHEMA_VERSION = 1
+PositiveFinite = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class Manifest(BaseModel):
@@ -63,9 +65,9 @@ class Manifest(BaseModel):
     software: dict[str, str] = Field(default_factory=dict, description="shelfsight version and commit, python, "
                                      "torch, torchvision, open_clip, timm versions")
     # Calibration and abstention (issue 11; absent from older manifests: T = 1 and never review):
-    temperatures: dict[str, float] = Field(default_factory=dict, description="attribute -> temperature T fitted "
+    temperatures: dict[str, PositiveFinite] = Field(default_factory=dict, description="attribute -> temperature T fitted "
                                            "on the validation split; workers serve softmax(logits / T); 1.0 if absent")
-    review_thresholds: dict[str, float] = Field(
+    review_thresholds: dict[str, Finite] = Field(
         default_factory=dict, description="attribute -> lowest calibrated confidence whose validation precision "
         "reaches review_target_precision; a prediction below it needs review. Absent: never reviewed; "
         "above 1 (clip_math.REVIEW_ALL): always reviewed"

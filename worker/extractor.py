@@ -18,7 +18,7 @@ import structlog
 import torch
 from pydantic import ValidationError
 
-from shelfsight.shared import framing
+from shelfsight.shared import clip_math, framing
 from shelfsight.shared.errors import Rejected
 from shelfsight.shared.events import (
     AttributeResult,
@@ -363,12 +363,14 @@ class ExtractionService:
         model = scored.model
         attributes = {}
         for head in model.heads:
-            probs = scored.probabilities[head.name]
+            probs = scored.probabilities[head.name]  # calibrated (the manifest's temperature)
             best = max(range(len(probs)), key=probs.__getitem__)
+            threshold = model.review_thresholds.get(head.name)  # absent: never reviewed
             attributes[head.name] = AttributeResult(
                 value=head.values[best],
                 confidence=round(probs[best], SCORE_DECIMALS),
                 scores={v: round(p, SCORE_DECIMALS) for v, p in zip(head.values, probs, strict=True)},
+                needs_review=threshold is not None and probs[best] < threshold,
             )
         return ResultRecord(
             event_id=event.event_id, product_id=event.product_id, category=event.category,
@@ -376,7 +378,7 @@ class ExtractionService:
             image=ImageInfo(uri=event.image, etag=etag, bytes=nbytes, width=prepared.width, height=prepared.height),
             model=ModelInfo(architecture=model.architecture, version=model.version, mode=model.mode,
                             weights_sha256=model.weights_sha256, taxonomy_version=model.taxonomy_version),
-            attributes=attributes,
+            attributes=attributes, needs_review=any(a.needs_review for a in attributes.values()),
         )
 
     # --- endings --------------------------------------------------------------------------
@@ -429,8 +431,27 @@ class ExtractionService:
         })
         if published is None:
             metrics.STREAM_PUBLISH_FAILURES.labels(stream="results").inc()
+        if record.needs_review:
+            self._publish_review(record, f"s3://{self.settings.bucket}/{key}")
         metrics.STAGE_SECONDS.labels(stage="write").observe(time.perf_counter() - t0)
         return "result"
+
+    def _publish_review(self, record: ResultRecord, result_uri: str) -> None:
+        """Put a durable result that needs review on the review stream (as the results stream: a
+        notification after the write, never raised). A redelivered event publishes again: consumers
+        key on event_id."""
+        probabilities = {a: torch.tensor([list(r.scores.values())]) for a, r in record.attributes.items()}
+        uncertainty = float(clip_math.product_uncertainty(probabilities)[0])  # the review-queue order
+        published = publish_after_write(self.publisher, self.settings.review_stream, {
+            "event_id": record.event_id, "product_id": record.product_id, "category": record.category,
+            "image": record.image.uri, "result": result_uri, "model_version": record.model.version,
+            "uncertainty": str(round(uncertainty, SCORE_DECIMALS)),
+            "attributes": json.dumps({a: {"value": r.value, "confidence": r.confidence, "needs_review": r.needs_review,
+                                          "scores": r.scores} for a, r in record.attributes.items()}),
+            "submitted_at": record.submitted_at.isoformat(),
+        })
+        if published is None:
+            metrics.STREAM_PUBLISH_FAILURES.labels(stream="review").inc()
 
     def _record_superseded(self, event: UploadEvent, newer: ResultRecord) -> None:
         """A newer upload of the product already has a result: record that this event lost.

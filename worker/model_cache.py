@@ -25,7 +25,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
@@ -73,17 +73,20 @@ class CategoryModel:
     preprocess: Callable[[Any], torch.Tensor]
     served_for: str | None = None  # set on a fallback: the CURRENT version that would not load
     shared_tower: bool = False  # zero-shot models share the base tower: not counted per category
+    # from the manifest (issue 11): attribute -> T (absent: 1), attribute -> review threshold (absent: never)
+    temperatures: dict[str, float] = field(default_factory=dict)
+    review_thresholds: dict[str, float] = field(default_factory=dict)
 
     @torch.inference_mode()
     def score(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per-attribute probabilities [B, V] for a batch of preprocessed images."""
+        """Per-attribute calibrated probabilities [B, V] (softmax(logits / T)) for a batch of preprocessed images."""
         pixels = pixels.to(self.device, non_blocking=True)
         if self.device.type == "cuda":
             with torch.autocast("cuda", dtype=self.dtype):
                 features = self.visual(pixels.to(self.dtype))
         else:
             features = self.visual(pixels.to(self.dtype))
-        return clip_math.score_heads(features.float(), self.heads, self.logit_scale)
+        return clip_math.score_heads(features.float(), self.heads, self.logit_scale, self.temperatures)
 
 
 def module_bytes(module: torch.nn.Module) -> int:
@@ -107,6 +110,7 @@ def build_heads(
 def _category_model(
     bundle: ClipBundle, category: str, version: str, mode: str, heads: tuple[clip_math.AttributeHead, ...],
     taxonomy_version: str, served_for: str | None, shared_tower: bool,
+    temperatures: dict[str, float] | None = None, review_thresholds: dict[str, float] | None = None,
 ) -> CategoryModel:
     visual = bundle.model.visual
     head_bytes = sum(h.text_features.numel() * h.text_features.element_size() for h in heads)
@@ -117,6 +121,7 @@ def _category_model(
         device=bundle.device, dtype=bundle.dtype, image_size=bundle.image_size, mean=bundle.mean,
         std=bundle.std, preprocess=bundle.preprocess, nbytes=head_bytes + (0 if shared_tower else module_bytes(visual)),
         served_for=served_for, shared_tower=shared_tower,
+        temperatures=dict(temperatures or {}), review_thresholds=dict(review_thresholds or {}),
     )
 
 
@@ -206,8 +211,10 @@ class ModelCache:
         values = {name: attr.value_names for name, attr in cat.attributes.items()}
         captions = {name: attr.captions(cat.zero_shot_template) for name, attr in cat.attributes.items()}
         heads = build_heads(bundle, values, captions)
+        # no validation set ever judged zero-shot confidences: every zero-shot result needs review
         return _category_model(bundle, category, ZERO_SHOT_VERSION, "zero_shot", heads,
-                               self.taxonomy.version, served_for, shared_tower=True)
+                               self.taxonomy.version, served_for, shared_tower=True,
+                               review_thresholds={name: clip_math.REVIEW_ALL for name in values})
 
     def _fine_tuned(self, category: str, version: str, served_for: str | None = None) -> CategoryModel:
         # signature (when a key is set), path, taxonomy and architecture checks: before any weights load
@@ -226,7 +233,8 @@ class ModelCache:
             ))
             heads = build_heads(bundle, manifest.values, manifest.captions)  # text tower freed with bundle
         return _category_model(bundle, category, version, "fine_tuned", heads,
-                               manifest.taxonomy_version, served_for, shared_tower=False)
+                               manifest.taxonomy_version, served_for, shared_tower=False,
+                               temperatures=manifest.temperatures, review_thresholds=manifest.review_thresholds)
 
     def refresh(self, category: str) -> bool:
         """Make the category serve what the registry's CURRENT names. True if it swapped.

@@ -55,9 +55,11 @@ def test_result_has_every_attribute_with_distribution(service: ExtractionService
         assert sum(result["scores"].values()) == pytest.approx(1.0, abs=1e-3)
         assert result["confidence"] == max(result["scores"].values())
         assert result["scores"][result["value"]] == result["confidence"]
+        assert result["needs_review"] is True  # zero-shot: no validated threshold, always reviewed
+    assert record["needs_review"] is True
     assert record["image"]["width"] == 96 and record["image"]["etag"]
     streams = [s for s, _ in service.publisher.entries]
-    assert streams == ["shelfsight:results"]
+    assert streams == ["shelfsight:results", "shelfsight:review"]  # review only once the result is written
 
 
 @pytest.fixture(params=[True, False], ids=["conditional-writes", "read-then-write"])
