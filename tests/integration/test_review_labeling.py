@@ -103,6 +103,14 @@ def test_presigned_export_loads_over_https_and_a_csv_imports_with_line_numbers(
     with urllib.request.urlopen(first["image"], timeout=10) as response:  # noqa: S310 - our moto endpoint
         assert response.read() == store.get(*first["image_uri"][5:].split("/", 1)).body
 
+    capsys.readouterr()
+    assert run_cli(settings, "review", "list", "--category", "pans", "--limit", "1") == 0
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 2 and table[1].split()[:4] == ["1", "0.7000", "pans", "pan-1"] and "lid=yes (0.65)" in table[1]
+    assert run_cli(settings, "review", "export", "--format", "jsonl", "--out", str(out)) == 0
+    lines = [json.loads(line) for line in (out / "pans.jsonl").read_text().splitlines()]
+    assert [(i["product_id"], i["uncertainty"]) for i in lines] == [("pan-1", 0.7), ("pan-0", 0.5)]
+
     csv_file = tmp_path / "labels.csv"
     csv_file.write_text("product_id,category,image,lid,handle\n"
                         f"pan-0,pans,{uris[0]},yes,no\n"

@@ -213,3 +213,13 @@ def test_a_prediction_the_taxonomy_no_longer_has_is_left_out_not_exported_invali
     assert [r["from_name"] for r in task["predictions"][0]["result"]] == ["handle"]
     assert task["data"]["image"].startswith("https://") and task["data"]["image_uri"].startswith("s3://")
     assert validate_import([task], labeling_config(TAXONOMY, "pans")) == []
+
+
+def test_review_commands_exit_2_when_the_stream_cannot_be_read(capsys: pytest.CaptureFixture) -> None:
+    from shelfsight.shared.settings import Settings
+    from tests.helpers import run_cli
+
+    unreachable = Settings(broker_url="redis://127.0.0.1:1/0", broker_connect_timeout_s=0.5)
+    assert run_cli(unreachable, "review", "list") == 2
+    assert "cannot read the review stream" in capsys.readouterr().err
+    assert run_cli(unreachable, "review", "export", "--limit", "-1") == 2  # a budget below 0 is a usage error
