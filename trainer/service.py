@@ -251,7 +251,16 @@ def _run_summary(
         "macro_f1_gain_interval": [bootstrap["lower"], bootstrap["upper"]] if bootstrap else None,
         "splits": data.sizes, "skipped_images": data.skipped, "report": report_key(resources, category,
                                                                                    published.version),
+        "calibration": _calibration_summary(outcome),
     }
+
+
+def _calibration_summary(outcome: GateOutcome) -> dict[str, Any]:
+    """Per attribute: temperature, review threshold and test ECE before/after (the report has the bins)."""
+    if outcome.calibration is None:
+        return {}
+    keys = ("status", "temperature", "review_threshold", "ece_before", "ece_after")
+    return {a: {k: e[k] for k in keys} for a, e in outcome.calibration.report["attributes"].items()}
 
 
 # --- operator changes to the serving version ------------------------------------------------------

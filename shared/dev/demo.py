@@ -70,7 +70,8 @@ def extract_and_wait(settings: Settings, products: list[SampleProduct], uris: li
 
 
 def print_table(products: list[SampleProduct], results: dict[str, dict]) -> float:
-    """One row per product: each attribute as predicted (confidence), marked ✗ where it is wrong."""
+    """One row per product: each attribute as predicted (confidence, "review" when it needs review),
+    marked ✗ where it is wrong."""
     rows, right, total = [], 0, 0
     for product in products:
         result = results[product.product_id]
@@ -79,7 +80,8 @@ def print_table(products: list[SampleProduct], results: dict[str, dict]) -> floa
             got = result["attributes"][attr]
             ok = got["value"] == truth
             right, total = right + ok, total + 1
-            cells.append(f"{attr}={got['value']} ({got['confidence']:.2f}){'' if ok else ' ✗ truth ' + truth}")
+            review = ", review" if got.get("needs_review") else ""
+            cells.append(f"{attr}={got['value']} ({got['confidence']:.2f}{review}){'' if ok else ' ✗ truth ' + truth}")
         rows.append(f"{product.product_id:<16} {result['model']['version']:<24} " + "; ".join(cells))
     print(f"{'product':<16} {'model version':<24} extracted features")
     print("\n".join(rows))
@@ -186,6 +188,13 @@ def run_demo(state_dir: Path, base: Settings) -> int:
             print(f"  {category}: {outcome['status']} {outcome['version']} (test macro-F1 "
                   f"{outcome['test_macro_f1']:.3f} on {outcome['splits'].get('test', '?')} frozen test images)")
             print(f"    gate: {outcome['reason']}")
+            for attr, cal in (outcome.get("calibration") or {}).items():
+                ece = (f"test ECE {cal['ece_before']:.3f} → {cal['ece_after']:.3f}" if cal["ece_before"] is not None
+                       else "no labeled test images")
+                threshold = cal["review_threshold"]
+                review = ("never reviewed" if threshold is None else "always reviewed" if threshold > 1
+                          else f"review below {threshold:.3f}")
+                print(f"    calibration {attr}: T={cal['temperature']:.2f}, {ece}, {review} ({cal['status']})")
 
         print("\n== 4. the running worker hot-swaps to the promoted versions")
         for category, version in versions.items():
