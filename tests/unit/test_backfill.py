@@ -212,3 +212,32 @@ def test_worker_replaces_a_result_with_its_backfill_but_keeps_a_newer_upload(ser
     assert late is not None
     assert service.process(late.model_dump(mode="json")).status == "superseded"
     assert json.loads(service.store.get(BUCKET, "results/pans/sku-1.json").body)["event_id"] == "live-2"
+
+
+def test_promotion_requests_a_backfill_only_when_configured(unit_settings: Settings, monkeypatch) -> None:
+    from shelfsight.shared import backfill
+
+    apps: list[FakeApp] = []
+
+    class ClosingApp(FakeApp):
+        closed = False
+
+        def send_task(self, name: str, **kwargs: Any) -> Any:
+            super().send_task(name, **kwargs)
+            return type("Sent", (), {"id": "task-1"})()
+
+        def close(self) -> None:
+            self.closed = True
+
+    def fake_app(settings: Settings, **kwargs: Any) -> ClosingApp:
+        assert kwargs == {"current": False}  # never replaces the trainer's own app
+        apps.append(ClosingApp())
+        return apps[-1]
+
+    monkeypatch.setattr(backfill, "create_celery_app", fake_app)
+    assert backfill.request_backfill(unit_settings, "pans", "vB") is None and not apps  # off by default
+    on = unit_settings.model_copy(update={"backfill_after_promotion": True})
+    assert backfill.request_backfill(on, "pans", "vB") == "task-1"
+    [app] = apps
+    assert app.sent == [{"name": "shelfsight.backfill_category", "kwargs": {"category": "pans", "version": "vB"}}]
+    assert app.closed
