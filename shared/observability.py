@@ -129,12 +129,12 @@ class QueueCollector(Collector):
 
 
 def register_queue_metrics(settings: Settings, registry: CollectorRegistry = REGISTRY) -> QueueCollector:
-    """Register (once per registry) the queue gauges of settings.extract_queue and training_queue."""
+    """Register (once per registry) the queue gauges of the extract, training and backfill queues."""
     with _lock:
         found = _registered.get(id(registry))
         if found is None:
             client = redis.Redis.from_url(settings.broker_url, socket_timeout=2, socket_connect_timeout=2)
-            found = QueueCollector(client, [settings.extract_queue, settings.training_queue])
+            found = QueueCollector(client, [settings.extract_queue, settings.training_queue, settings.backfill_queue])
             registry.register(found)
             _registered[id(registry)] = found
         return found
