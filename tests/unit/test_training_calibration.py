@@ -4,21 +4,26 @@ manifest, and its report carries the test ECE before/after and a reliability dia
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 from pathlib import Path
 from typing import cast
 
 import redis
 import torch
+from PIL import Image
 
 from shelfsight.shared import clip_math
 from shelfsight.shared.model_factory import create_clip
 from shelfsight.trainer import gate
-from shelfsight.trainer.calibration import calibrate_attribute
+from shelfsight.trainer.calibration import calibrate_attribute, served_logits
 from shelfsight.trainer.category_data import fetch_training_data, head_spec, split_labels
+from shelfsight.trainer.dataset import LabeledImages
+from shelfsight.trainer.evaluate import HeadSpec
 from shelfsight.trainer.publish import publish
 from shelfsight.trainer.report import RELIABILITY_PLOT
-from tests.unit.training_helpers import BUCKET, add_cups, resources
+from shelfsight.worker.model_cache import _category_model, build_heads
+from tests.unit.training_helpers import BUCKET, add_cups, cup_png, resources
 
 
 class _Announcements:
@@ -96,3 +101,20 @@ def test_calibrate_attribute_rules_when_validation_cannot_say() -> None:
     assert entry["status"] == "target_not_reached" and threshold == clip_math.REVIEW_ALL
 
 
+
+
+def test_the_trainer_calibrates_the_probabilities_a_worker_serves() -> None:
+    """Temperatures fitted on the trainer's logits apply to the worker's: same logits, same softmax(./T)."""
+    bundle = create_clip("shelfsight-tiny", "none")
+    spec = HeadSpec({"colour": ["red", "blue"], "handle": ["yes", "no"]},
+                    {"colour": ["a red cup", "a blue cup"], "handle": ["a cup with a handle", "a cup"]})
+    images = [Image.open(io.BytesIO(cup_png("red" if i % 2 else "blue", i))).convert("RGB") for i in range(5)]
+    data = LabeledImages(images, {"colour": [0] * 5, "handle": [0] * 5}, [str(i) for i in range(5)])
+    temperatures = {"colour": 2.5, "handle": 0.4}
+    trainer_side = {a: clip_math.calibrated_probabilities(logits, temperatures[a])
+                    for a, logits in served_logits(bundle, spec, data).items()}
+    model = _category_model(bundle, "cups", "v1", "fine_tuned", build_heads(bundle, spec.values, spec.captions),
+                            "t", None, False, temperatures=temperatures)
+    worker_side = model.score(torch.stack([bundle.preprocess(image) for image in images]))
+    for attribute in spec.values:
+        assert torch.allclose(worker_side[attribute], trainer_side[attribute], atol=1e-5), attribute
