@@ -47,6 +47,9 @@ DEFAULT_MAX_QUEUED = 1000
 CHUNK_KEYS = 500  # results checked per run of the after-promotion task before it hands over
 QUEUE_FULL_PAUSE_S = 0.5
 QUEUE_FULL_RETRY_S = 5.0  # the after-promotion task's pause before its next run when the queue is full
+# The after-promotion backfill starts this long after the announcement: the workers load the new
+# version first, so that a re-extraction is not taken by a worker still serving the old one.
+SETTLE_S = 30.0
 
 _NOT_ID = re.compile(r"[^A-Za-z0-9_.:\-]")
 
@@ -252,15 +255,15 @@ def count_stale(store: ObjectStore, settings: Settings, category: str, target: s
 def request_backfill(settings: Settings, category: str, version: str) -> str | None:
     """When `settings.backfill_after_promotion`, ask the trainer to backfill `category` to `version`.
 
-    Sends the backfill task to the training queue and returns its id (None when the setting is
-    off). Never raises: a promotion that happened stays a promotion; the operator can run
+    Sends the backfill task to the training queue, due `SETTLE_S` after now (the workers swap
+    first), and returns its id (None when the setting is off). Never raises: a promotion that happened stays a promotion; the operator can run
     `shelfsight backfill` instead.
     """
     if not settings.backfill_after_promotion:
         return None
     app = create_celery_app(settings, current=False)  # never replaces the caller's current app
     try:
-        result = app.send_task(BACKFILL_TASK, kwargs={"category": category, "version": version})
+        result = app.send_task(BACKFILL_TASK, kwargs={"category": category, "version": version}, countdown=SETTLE_S)
         log.info("backfill.requested", category=category, version=version, task_id=result.id)
         return str(result.id)
     except Exception as exc:  # noqa: BLE001 - the promotion stands; say what to run instead

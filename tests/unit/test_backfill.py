@@ -239,5 +239,6 @@ def test_promotion_requests_a_backfill_only_when_configured(unit_settings: Setti
     on = unit_settings.model_copy(update={"backfill_after_promotion": True})
     assert backfill.request_backfill(on, "pans", "vB") == "task-1"
     [app] = apps
-    assert app.sent == [{"name": "shelfsight.backfill_category", "kwargs": {"category": "pans", "version": "vB"}}]
+    assert app.sent == [{"name": "shelfsight.backfill_category", "kwargs": {"category": "pans", "version": "vB"},
+                         "countdown": backfill.SETTLE_S}]  # after the workers swapped
     assert app.closed
