@@ -9,10 +9,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import click
+import redis
 
 from shelfsight.shared.cli import EXIT_OK, EXIT_USAGE, echo_json, json_option, pass_settings
 from shelfsight.shared.review import ReviewItem
 from shelfsight.shared.settings import Settings
+from shelfsight.shared.storage import StorageError
+
+_UNREACHABLE = (redis.RedisError, OSError, StorageError)
 
 _EPILOG = ("Exit codes: 0 done (an empty queue included); 2 unusable option or unreachable Redis/S3. "
            "Order: most uncertain first (margin of the least decided attribute), ties to the older request; "
@@ -54,12 +58,10 @@ def _options(command: Callable[..., int]) -> Callable[..., int]:
 @pass_settings
 def review_list(settings: Settings, category: str | None, limit: int, include_labeled: bool, as_json: bool) -> int:
     """Print the review queue: uncertainty, product, and the attributes in doubt."""
-    import redis
-
     try:
         queue = _queue(settings, category, limit, include_labeled)
-    except (redis.RedisError, OSError) as exc:
-        click.echo(f"review list: cannot read the review stream: {exc}", err=True)
+    except _UNREACHABLE as exc:
+        click.echo(f"review list: cannot read the review stream or the label log: {exc}", err=True)
         return EXIT_USAGE
     if as_json:
         echo_json([item.as_dict() for item in queue])
@@ -112,15 +114,13 @@ def _presigner(settings: Settings, seconds: int) -> Callable[[str], str]:
 def review_export(settings: Settings, category: str | None, limit: int, include_labeled: bool, fmt: str,
                   out: Path, presign: int | None, as_json: bool) -> int:
     """Write the review queue for a labeling tool; one project (file set) per category."""
-    import redis
-
     from shelfsight.shared.review import label_studio_export
     from shelfsight.shared.taxonomy import load_taxonomy
 
     try:
         queue = _queue(settings, category, limit, include_labeled)
-    except (redis.RedisError, OSError) as exc:
-        click.echo(f"review export: cannot read the review stream: {exc}", err=True)
+    except _UNREACHABLE as exc:
+        click.echo(f"review export: cannot read the review stream or the label log: {exc}", err=True)
         return EXIT_USAGE
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, dict[str, object]] = {}
