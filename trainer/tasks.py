@@ -71,8 +71,9 @@ def train_category(self: Task, category: str, caption_template: str | None = Non
 
 
 @shared_task(bind=True, name=IMPORT_LABELS_TASK)
-def import_labels(self: Task, labels: str | Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Import labels: a list of label dicts, or the s3:// URI of a JSONL file.
+def import_labels(self: Task, labels: str | Sequence[Mapping[str, Any]], label_format: str = "jsonl") -> dict[str, Any]:
+    """Import labels: a list of label dicts, or the s3:// URI of a file in `label_format`
+    (jsonl, csv or label-studio: trainer.labels.LABEL_FORMATS).
 
     Returns accepted/rejected counts and every rejection (line number, reason); a retrain is
     enqueued for categories that reached settings.retrain_after_labels new labels.
@@ -81,7 +82,7 @@ def import_labels(self: Task, labels: str | Sequence[Mapping[str, Any]]) -> dict
         raise TypeError("labels must be a list of label objects or an s3:// URI of a JSONL file")
     resources = resources_of(self.app)
     with structlog.contextvars.bound_contextvars(task_id=self.request.id or ""):
-        summary = service.import_and_trigger(resources, labels, app=self.app)
+        summary = service.import_and_trigger(resources, labels, app=self.app, label_format=label_format)
         log.info("task.labels.imported", accepted=summary["accepted"], rejected=summary["rejected"])
         return summary
 

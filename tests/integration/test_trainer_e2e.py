@@ -149,3 +149,19 @@ def test_enough_new_labels_enqueue_one_training(settings: Settings, store: S3Obj
     again = training_jobs.enqueue_training(app, resources.redis, resources.taxonomy, "pans")
     assert again.queued is False and again.task_id == queued["task_id"]
     assert broker.llen(eager.training_queue) == 1
+
+
+def test_import_task_reads_a_csv_file_from_s3_when_told_its_format(settings: Settings, store: S3ObjectStore) -> None:
+    app = _app(settings)
+    labels = _labels(store, settings, count=3)
+    rows = ["product_id,category,image,lid,handle"] + [
+        f"{x['product_id']},pans,{x['image']},{x['attributes']['lid']},{x['attributes']['handle']}" for x in labels]
+    rows.append("p-bad,pans,s3://nowhere/x.jpg,maybe,")  # an unknown value: rejected, named by its line
+    store.put(settings.bucket, "incoming/labels.csv", "\n".join(rows).encode(), "text/csv")
+    uri = f"s3://{settings.bucket}/incoming/labels.csv"
+
+    as_jsonl = app.tasks[IMPORT_LABELS_TASK].apply(args=[uri]).get()
+    assert as_jsonl["accepted"] == 0  # read as JSONL, a CSV is nothing but rejections
+
+    imported = app.tasks[IMPORT_LABELS_TASK].apply(args=[uri], kwargs={"label_format": "csv"}).get()
+    assert imported["accepted"] == 3 and imported["rejected"] == 1, imported

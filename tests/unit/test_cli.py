@@ -13,7 +13,7 @@ from shelfsight.shared.cli import COMMAND_GROUP, cli, main
 # Commands whose output is data: each must offer --json.
 DATA_COMMANDS = {
     "enqueue", "dead-letters", "dev status", "labels import", "train",
-    "models list", "models show", "models promote", "models rollback",
+    "models list", "models show", "models promote", "models rollback", "review list", "review export",
 }
 
 
