@@ -130,5 +130,7 @@ def preprocess_tensor(
     """
     square = letterbox_tensor(draft_like(image, draft_size))
     resized = TF.resize(square, [size, size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
-    pixels = resized.float().div_(255.0).clamp_(0.0, 1.0)
+    # contiguous first: the uint8 resize leaves channels-last strides (from the HWC decode), on which
+    # the float ops and normalize cost 0.43 instead of 0.16 ms per 224 px image; same values
+    pixels = resized.contiguous().float().div_(255.0).clamp_(0.0, 1.0)
     return TF.normalize(pixels, list(mean), list(std))
