@@ -28,8 +28,20 @@ from both the labeled pools and the test set, never on test:
     .venv/bin/python bench/learning_curve.py --select     # compare candidate configs on the selection split
     .venv/bin/python bench/learning_curve.py --quick      # < 30 min on a 2-core CPU, 5 seeds per point
 
+Active learning and few-shot methods (issue #11), Fashion-MNIST only:
+
+    .venv/bin/python bench/learning_curve.py --methods --tasks fashion --seeds 2   # LP-FT, WiSE-FT, Tip-Adapter
+    .venv/bin/python bench/learning_curve.py --active --quick --tasks none         # the active-learning curve
+
+`--methods` compares the few-shot methods at one budget on the selection split (test scores
+are recorded alongside, never used to choose). `--active` starts each seed from the bench's
+balanced 10 labels per class and adds labels in rounds, chosen from a candidate pool by the
+review-queue ordering (clip_math.product_uncertainty of the round's model, uncalibrated) or
+at random (class-agnostic), at equal budgets and with the same seeds.
+
 Prints one JSON object as its last line:
-{"task": {"n": {"accuracy", "accuracy_se", "macro_f1", "macro_f1_se", "seeds"}}}.
+{"task": {"n": {"accuracy", "accuracy_se", "macro_f1", "macro_f1_se", "seeds"}}}, with --active
+also {"active": {"labels": {...}}, "active_random": {"labels": {...}}} (labels: total labels).
 """
 
 from __future__ import annotations
@@ -44,7 +56,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -56,6 +68,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from shelfsight.shared.clip_math import (
+    accuracy_and_macro_f1,
+    confusion_matrix,
+    normalize,
+    product_uncertainty,
+)
 from shelfsight.shared.dev.samples import generate_products
 from shelfsight.shared.events import LabelRecord
 from shelfsight.shared.imaging import decode_image
@@ -64,7 +82,13 @@ from shelfsight.shared.model_factory import create_clip
 from shelfsight.shared.settings import DEFAULT_TAXONOMY, Settings
 from shelfsight.shared.taxonomy import load_taxonomy
 from shelfsight.trainer.dataset import LabeledImages, assign_splits, target_indices
-from shelfsight.trainer.evaluate import HeadSpec, evaluate
+from shelfsight.trainer.evaluate import (
+    EVAL_BATCH_SIZE,
+    HeadSpec,
+    PreprocessedImages,
+    evaluate,
+    text_features,
+)
 from shelfsight.trainer.train import TrainConfig, fit
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -205,6 +229,7 @@ def bench_settings(args: argparse.Namespace, seed: int) -> Settings:
         train_mode=args.mode, train_last_n_blocks=args.last_n_blocks, train_seed=seed, train_split_seed=seed,
         train_val_fraction=args.val_fraction, train_augment=args.augment, train_crop_scale=args.crop_scale,
         train_flip=args.flip, train_min_steps_per_epoch=args.min_steps_per_epoch, train_image_size=args.image_size,
+        train_lp_epochs=args.lp_epochs, train_lp_lr=args.lp_lr,
     )
 
 
@@ -257,6 +282,289 @@ def select(tasks: Sequence[Task], args: argparse.Namespace) -> dict[str, Any]:
                                 for name, s in scores.items()}})
     best = max(table, key=lambda row: row["mean_macro_f1"])
     return {"budgets": {t.name: budgets[t.name] for t in tasks}, "candidates": table, "chosen": best["candidate"]}
+
+
+# --- active learning and few-shot methods (issue #11) ------------------------------------------------
+
+TIP_ALPHAS = (0.0, 0.5, 1.0, 2.0, 5.0, 10.0)
+TIP_BETAS = (1.0, 3.0, 5.5, 10.0)
+WISE_ALPHAS = (0.25, 0.5, 0.75)
+
+
+def pick_uncertain(uncertainty: Sequence[float], labeled: Collection[int], budget: int) -> list[int]:
+    """The `budget` pool positions of highest uncertainty that are not labeled yet, most uncertain first.
+
+    Class-agnostic: the labeler does not know an image's class before labeling it. Ties go to the
+    lower position (a round is deterministic); fewer come back when the pool runs out.
+    """
+    taken = set(labeled)
+    order = sorted((i for i in range(len(uncertainty)) if i not in taken), key=lambda i: (-float(uncertainty[i]), i))
+    return order[: max(0, budget)]
+
+
+def pick_random(order: Sequence[int], labeled: Collection[int], budget: int) -> list[int]:
+    """The next `budget` positions of a fixed random `order` that are not labeled yet (nested budgets)."""
+    taken = set(labeled)
+    return [i for i in order if i not in taken][: max(0, budget)]
+
+
+def tip_adapter_logits(
+    features: torch.Tensor, classes: torch.Tensor, scale: float, keys: torch.Tensor, values: torch.Tensor,
+    alpha: float, beta: float,
+) -> torch.Tensor:
+    """Tip-Adapter (Zhang et al. 2022): the model's logits plus alpha x a cache of the labeled images.
+
+    features [B, D] and keys [K, D] are L2-normalised image features, classes [V, D] the caption
+    features, values [K, V] the labels one-hot; the cache's affinity is exp(-beta (1 - cos)).
+    """
+    affinity = torch.exp(-beta * (1.0 - features @ keys.T))
+    return scale * features @ classes.T + alpha * affinity @ values
+
+
+@torch.no_grad()
+def _image_features(bundle: Any, images: Sequence[Image.Image]) -> torch.Tensor:
+    """L2-normalised image features [N, D] with the serving transform, in batches."""
+    bundle.model.eval()
+    pre = PreprocessedImages(images, bundle.preprocess, bundle.image_size)
+    chunks = [normalize(bundle.model.encode_image(pre.get(range(i, min(len(images), i + EVAL_BATCH_SIZE)))
+                                                  .to(bundle.device)).float())
+              for i in range(0, len(images), EVAL_BATCH_SIZE)]
+    return torch.cat(chunks).cpu()
+
+
+@torch.no_grad()
+def _class_features(bundle: Any, spec: HeadSpec) -> torch.Tensor:
+    tokens = bundle.tokenizer(spec.all_captions()).to(bundle.device)
+    return text_features(bundle.model, tokens, spec)["type"].float().cpu()
+
+
+def _metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    accuracy, macro_f1 = accuracy_and_macro_f1(confusion_matrix(logits.argmax(-1), targets, logits.shape[-1]))
+    return {"accuracy": round(accuracy, 4), "macro_f1": round(macro_f1, 4)}
+
+
+def _targets(items: Sequence[Item]) -> torch.Tensor:
+    return torch.tensor([FASHION_CLASSES.index(a["type"]) for _, _, a in items])
+
+
+class _Scorer:
+    """A trained model's features on fixed image sets, for the plain, Tip-Adapter and WiSE-FT variants."""
+
+    def __init__(self, bundle: Any, spec: HeadSpec, labeled: Sequence[Item], sets: dict[str, Sequence[Item]]) -> None:
+        self.bundle, self.spec, self.sets = bundle, spec, sets
+        self.scale = float(bundle.model.logit_scale.exp().clamp(max=100))
+        self.classes = _class_features(bundle, spec)
+        self.keys = _image_features(bundle, [im for _, im, _ in labeled])
+        self.values = torch.nn.functional.one_hot(_targets(labeled), len(FASHION_CLASSES)).float()
+        self.features = {name: _image_features(bundle, [im for _, im, _ in items]) for name, items in sets.items()}
+        self.truth = {name: _targets(items) for name, items in sets.items()}
+
+    def plain(self, name: str) -> dict[str, float]:
+        return _metrics(self.scale * self.features[name] @ self.classes.T, self.truth[name])
+
+    def tip(self, name: str, alpha: float, beta: float) -> dict[str, float]:
+        logits = tip_adapter_logits(self.features[name], self.classes, self.scale, self.keys, self.values, alpha, beta)
+        return _metrics(logits, self.truth[name])
+
+    def wise(self, start: dict[str, torch.Tensor], end: dict[str, torch.Tensor], alpha: float) -> dict[str, Any]:
+        """WiSE-FT (Wortsman et al. 2022): scores of (1 - alpha) start + alpha end; the model keeps `end`."""
+        mixed = {k: (1 - alpha) * start[k] + alpha * v if v.is_floating_point() else v for k, v in end.items()}
+        self.bundle.model.load_state_dict(mixed)
+        classes = _class_features(self.bundle, self.spec)
+        scale = float(self.bundle.model.logit_scale.exp().clamp(max=100))
+        out = {name: _metrics(scale * _image_features(self.bundle, [im for _, im, _ in items]) @ classes.T,
+                              self.truth[name]) for name, items in self.sets.items()}
+        self.bundle.model.load_state_dict(end)
+        return out
+
+    @torch.no_grad()
+    def uncertainty(self, items: Sequence[Item]) -> torch.Tensor:
+        """The review-queue priority (clip_math.product_uncertainty) of each item, uncalibrated (T = 1)."""
+        features = _image_features(self.bundle, [im for _, im, _ in items])
+        return product_uncertainty({"type": (self.scale * features @ self.classes.T).softmax(-1)})
+
+
+def _train(labeled: Sequence[Item], spec: HeadSpec, settings: Settings, args: argparse.Namespace) -> tuple[Any, Any]:
+    """A fresh model fine-tuned on `labeled` (split train/val by the trainer), as run_once does."""
+    train, val = _split(labeled, settings)
+    bundle = create_clip(args.arch, args.weights, device="auto", precision="fp32",
+                         image_size=settings.train_image_size or None)
+    start = {k: v.detach().clone() for k, v in bundle.model.state_dict().items()}
+    result = fit(bundle, spec, _labeled(train, spec), _labeled(val, spec), TrainConfig.from_settings(settings))
+    result.initial_state = start
+    return bundle, result
+
+
+def _fashion_task(args: argparse.Namespace) -> Task:
+    return next(t for t in build_tasks(args.quick, args.image_size, ["fashion"]))
+
+
+def _mean_point(runs: Sequence[dict[str, Any]], key: str = "") -> dict[str, Any]:
+    values = [r[key] if key else r for r in runs]
+    return {"accuracy": round(statistics.fmean(v["accuracy"] for v in values), 4),
+            "accuracy_se": round(_se([v["accuracy"] for v in values]), 4),
+            "macro_f1": round(statistics.fmean(v["macro_f1"] for v in values), 4),
+            "macro_f1_se": round(_se([v["macro_f1"] for v in values]), 4), "seeds": len(values)}
+
+
+def methods(args: argparse.Namespace) -> dict[str, Any]:
+    """LP-FT vs plain fine-tuning, each with WiSE-FT and Tip-Adapter variants, at one budget.
+
+    Variants are chosen on the selection split (mean over seeds); test scores ride along.
+    """
+    task = _fashion_task(args)
+    n = args.methods_budget
+    table: dict[str, list[dict[str, Any]]] = {}
+    for lp_epochs in (0, args.lp_epochs):
+        for seed in range(args.seeds):
+            settings = bench_settings(args, seed).model_copy(update={"train_lp_epochs": lp_epochs})
+            labeled = task.pool(seed, n * task.per_class)[: n * task.per_class]
+            started = time.monotonic()
+            bundle, result = _train(labeled, task.spec, settings, args)
+            scorer = _Scorer(bundle, task.spec, labeled, {"selection": task.selection, "test": task.test})
+            base = "lp-ft" if lp_epochs else "ft"
+            rows = {base: {s: scorer.plain(s) for s in ("selection", "test")}}
+            for alpha in TIP_ALPHAS[1:]:
+                for beta in TIP_BETAS:
+                    rows[f"{base}+tip(a={alpha},b={beta})"] = {s: scorer.tip(s, alpha, beta) for s in ("selection", "test")}
+            start = result.lp_state_dict if lp_epochs else result.initial_state
+            for alpha in WISE_ALPHAS:
+                rows[f"{base}+wise(a={alpha})"] = scorer.wise(start, result.state_dict, alpha)
+            for name, row in rows.items():
+                table.setdefault(name, []).append({"seed": seed, **row})
+            print(f"methods {base} seed {seed}: selection {rows[base]['selection']['macro_f1']:.4f}, "
+                  f"test {rows[base]['test']['macro_f1']:.4f}, {time.monotonic() - started:.0f}s",
+                  file=sys.stderr, flush=True)
+    summary = {name: {"selection": _mean_point([r["selection"] for r in runs]),
+                      "test": _mean_point([r["test"] for r in runs]), "runs": runs} for name, runs in table.items()}
+    best = max(summary, key=lambda name: summary[name]["selection"]["macro_f1"])
+    return {"budget_per_class": n, "lp_epochs": args.lp_epochs, "lp_lr": args.lp_lr, "variants": summary,
+            "chosen_on_selection": best}
+
+
+def active_curve(args: argparse.Namespace) -> dict[str, Any]:
+    """Active (review-queue order) vs random choice of labels, at the same budgets and seeds.
+
+    Seed s: the bench's balanced first round (the first rounds[0] per class of the seed's pool),
+    a candidate pool of args.pool_size other images of train indices [0, 50k), and per round a
+    fresh model fine-tuned on all labels so far. The active arm labels the candidates its
+    round's model is least sure of (top product_uncertainty), the random arm a random draw.
+    """
+    task = _fashion_task(args)
+    images, labels = _fashion_file("train")
+    rounds = [int(r) for r in args.active_rounds.split(",")]
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {"active": {}, "random": {}}
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        settings = bench_settings(args, seed)
+        first = task.pool(seed, rounds[0] * task.per_class)[: rounds[0] * task.per_class]
+        taken = {int(i.split("-")[1]) for i, _, _ in first}
+        rng = np.random.default_rng(1000 + seed)
+        pool_ids = rng.choice(np.setdiff1d(np.arange(FASHION_POOL_END), sorted(taken)), args.pool_size, replace=False)
+        pool = [(f"train-{i}", Image.fromarray(images[i]).convert("RGB"), {"type": FASHION_CLASSES[labels[i]]})
+                for i in pool_ids]
+        random_order = [int(i) for i in np.random.default_rng(2000 + seed).permutation(len(pool))]
+        chosen: dict[str, list[int]] = {"active": [], "random": []}
+        for r, per_class in enumerate(rounds):
+            total = per_class * task.per_class
+            for arm in ("active", "random"):
+                if r == 0 and arm == "random":  # one shared first round
+                    runs["random"].setdefault(str(total), []).append(runs["active"][str(total)][-1])
+                    continue
+                labeled = [*first, *(pool[i] for i in chosen[arm])]
+                started = time.monotonic()
+                bundle, result = _train(labeled, task.spec, settings, args)
+                scorer = _Scorer(bundle, task.spec, labeled, {"test": task.test, "selection": task.selection})
+                run = {"seed": seed, "labels": len(labeled), "ft": scorer.plain("test"),
+                       "ft_selection": scorer.plain("selection")["macro_f1"],
+                       "class_counts": np.bincount(_targets(labeled).numpy(), minlength=10).tolist(),
+                       "epochs_run": len(result.history), "seconds": 0.0,
+                       "tip_grid": {f"{a},{b}": {"selection": scorer.tip("selection", a, b)["macro_f1"],
+                                                 "test": scorer.tip("test", a, b)}
+                                    for a in TIP_ALPHAS[1:] for b in TIP_BETAS}}
+                if r + 1 < len(rounds):
+                    need = rounds[r + 1] * task.per_class - len(labeled)
+                    if arm == "active":
+                        chosen["active"] += pick_uncertain(scorer.uncertainty(pool).tolist(), chosen["active"], need)
+                    if r == 0 or arm == "random":
+                        chosen["random"] += pick_random(random_order, chosen["random"], need)
+                run["seconds"] = round(time.monotonic() - started, 1)
+                runs[arm].setdefault(str(total), []).append(run)
+                print(f"active-learning seed {seed} {arm} {len(labeled)} labels: test macro-F1 "
+                      f"{run['ft']['macro_f1']:.4f}, {run['seconds']:.0f}s", file=sys.stderr, flush=True)
+                args.out.mkdir(parents=True, exist_ok=True)  # a partial record survives an interrupted run
+                (args.out / "learning_curve_active.partial.json").write_text(json.dumps({"runs": runs}))
+    return summarize_active(runs, rounds, args)
+
+
+def summarize_active(runs: dict[str, dict[str, list[dict[str, Any]]]], rounds: Sequence[int],
+                     args: argparse.Namespace) -> dict[str, Any]:
+    """Mean ± SE per arm and budget; the Tip-Adapter (alpha, beta) is chosen once, on the selection split.
+
+    One (alpha, beta) for every run: the highest mean selection macro-F1 over all runs of both arms.
+    The kept variant ("tip" or "ft") is the one with the higher mean selection macro-F1.
+    """
+    first = str(min(int(t) for t in runs["active"]))  # the shared first round counts once
+    every = [r for arm, by_total in runs.items() for t, rs in by_total.items() for r in rs
+             if not (arm == "random" and t == first)]
+    grid = {key: statistics.fmean(r["tip_grid"][key]["selection"] for r in every) for key in every[0]["tip_grid"]}
+    key = max(grid, key=grid.__getitem__)
+    for r in every:
+        r["tip"] = r["tip_grid"][key]["test"]
+    plain = statistics.fmean(r["ft_selection"] for r in every)
+    variant = "tip" if args.tip_alpha >= 0 and grid[key] > plain else "ft"
+    alpha, beta = (float(x) for x in key.split(","))
+    return {"rounds_per_class": list(rounds), "pool_size": args.pool_size, "variant": variant,
+            "tip": {"alpha": alpha, "beta": beta, "selection_macro_f1": round(grid[key], 4),
+                    "plain_selection_macro_f1": round(plain, 4)},
+            "lp_epochs": args.lp_epochs,
+            "curves": {arm: {total: {"ft": _mean_point(rs, "ft"), "tip": _mean_point(rs, "tip"), "runs": rs}
+                             for total, rs in by_total.items()} for arm, by_total in runs.items()}}
+
+
+def merge_active(paths: Sequence[Path], args: argparse.Namespace) -> dict[str, Any]:
+    """One curve from the runs of several --active processes (disjoint seeds, the same rounds)."""
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {"active": {}, "random": {}}
+    for path in paths:
+        record = json.loads(path.read_text())
+        part = record["runs"] if "runs" in record else {a: {t: p["runs"] for t, p in c.items()}
+                                                        for a, c in record["curves"].items()}
+        for arm, by_total in part.items():
+            for total, rs in by_total.items():
+                runs[arm].setdefault(total, []).extend(rs)
+    seeds = [sorted({r["seed"] for r in rs}) for by_total in runs.values() for rs in by_total.values()]
+    if any(s != seeds[0] for s in seeds):
+        raise SystemExit(f"--merge: the files do not cover the same seeds at every budget: {seeds}")
+    rounds = sorted({int(t) // 10 for t in runs["active"]})
+    return summarize_active(runs, rounds, args)
+
+
+def plot_active(curve: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for arm, marker in (("active", "o"), ("random", "s")):
+        for variant, style in (("ft", "-"), ("tip", "--")):
+            points = curve["curves"][arm]
+            if variant not in next(iter(points.values())):
+                continue
+            xs = [int(t) for t in points]
+            ax.errorbar(xs, [points[str(x)][variant]["macro_f1"] for x in xs],
+                        yerr=[points[str(x)][variant]["macro_f1_se"] for x in xs], marker=marker, linestyle=style,
+                        capsize=3, label=f"{'uncertainty' if arm == 'active' else 'random'} choice, "
+                        f"{'fine-tuned' if variant == 'ft' else '+ Tip-Adapter cache'}")
+    ax.axhline(0.88, color="grey", linestyle=":", label="target 0.88")
+    ax.set_xlabel("total labels (10 classes)")
+    ax.set_ylabel("test macro-F1 (mean ± SE)")
+    seeds = next(iter(curve["curves"]["active"].values()))["ft"]["seeds"]
+    ax.set_title(f"Fashion-MNIST: uncertainty vs random choice of labels, {seeds} seeds\n{MODEL_NAME}", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def plot(results: dict[str, dict[str, dict[str, Any]]], tasks: Sequence[Task], path: Path) -> None:
@@ -317,6 +625,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="SHELFSIGHT_TRAIN_FLIP=true (off by default: --select chose it off, see docs)")
     parser.add_argument("--crop-scale", type=float, default=0.9, help="SHELFSIGHT_TRAIN_CROP_SCALE")
     parser.add_argument("--val-fraction", type=float, default=0.2)
+    parser.add_argument("--active", action="store_true",
+                        help="also run the active-learning curve on Fashion-MNIST (issue #11); --tasks none: only it")
+    parser.add_argument("--methods", action="store_true",
+                        help="compare LP-FT, WiSE-FT and Tip-Adapter on the Fashion-MNIST selection split instead")
+    parser.add_argument("--methods-budget", type=int, default=100, help="labels per class for --methods")
+    parser.add_argument("--active-rounds", default="10,20,40,60,100", help="labels per class after each round")
+    parser.add_argument("--pool-size", type=int, default=3000, help="candidate images the rounds choose from")
+    parser.add_argument("--lp-epochs", type=int, default=0, help="SHELFSIGHT_TRAIN_LP_EPOCHS (LP-FT head stage)")
+    parser.add_argument("--lp-lr", type=float, default=1e-3, help="SHELFSIGHT_TRAIN_LP_LR")
+    parser.add_argument("--tip-alpha", type=float, default=0.0,
+                        help="with --active: a negative value never keeps the Tip-Adapter variant (it is always "
+                        "scored; its alpha and beta are chosen on the selection split)")
+    parser.add_argument("--first-seed", type=int, default=0, help="with --active: seeds first..first+seeds-1")
+    parser.add_argument("--merge", type=Path, nargs="*", default=None,
+                        help="with --active: summarize the runs of these learning_curve_active(.partial).json files "
+                        "(seeds run as separate processes) instead of running")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (0: torch's default); 1 is much faster on a CPU shared with other jobs")
+    parser.add_argument("--docs", type=Path, default=None, help="with --active: also write the figures here")
     return parser.parse_args(argv)
 
 
@@ -325,16 +652,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.image_size is None:  # --quick trades resolution for time: 5 seeds in < 30 min on a shared 2-core box
         args.image_size = 64 if args.quick else 96
+    if args.threads:
+        torch.set_num_threads(args.threads)
     configure_logging("console", "WARNING")  # logs on stderr: stdout's last line is the summary
     if args.seeds < MIN_SEEDS:
         print(f"warning: {args.seeds} seeds per point; a reported figure needs at least {MIN_SEEDS}", file=sys.stderr)
     started = time.monotonic()
-    tasks = build_tasks(args.quick, args.image_size, args.tasks.split(","))
+    tasks = build_tasks(args.quick, args.image_size, [] if args.methods else args.tasks.split(","))
     print(f"data ready in {time.monotonic() - started:.0f}s", file=sys.stderr, flush=True)
     meta = {"date": str(date.today()), "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}, "
             f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}",
             "command": " ".join(sys.argv), "model": MODEL_NAME, "config": {k: str(v) for k, v in vars(args).items()}}
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.methods:
+        trial = methods(args)
+        meta["seconds"] = round(time.monotonic() - started, 1)
+        (args.out / "learning_curve_methods.json").write_text(json.dumps({"meta": meta, **trial}, indent=2))
+        print(json.dumps({"chosen_on_selection": trial["chosen_on_selection"],
+                          "variants": {k: {s: v[s]["macro_f1"] for s in ("selection", "test")}
+                                       for k, v in trial["variants"].items()}}))
+        return 0
     if args.select:
         selection = select(tasks, args)
         meta["seconds"] = round(time.monotonic() - started, 1)
@@ -347,11 +684,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         results[task.name] = {str(n): run_point(task, n, args) for n in task.budgets}
     suffix = "quick" if args.quick else "full"
     meta["seconds"] = round(time.monotonic() - started, 1)
-    (args.out / f"learning_curve_{suffix}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    plot(results, tasks, args.out / f"learning_curve_{suffix}.png")
-    print(f"total {meta['seconds']}s; wrote {args.out}/learning_curve_{suffix}.json and .png", file=sys.stderr)
+    if tasks:  # --active --tasks none: the active curve alone
+        (args.out / f"learning_curve_{suffix}.json").write_text(json.dumps({"meta": meta, "results": results},
+                                                                            indent=2))
+        plot(results, tasks, args.out / f"learning_curve_{suffix}.png")
+        print(f"total {meta['seconds']}s; wrote {args.out}/learning_curve_{suffix}.json and .png", file=sys.stderr)
     keys = ("accuracy", "accuracy_se", "macro_f1", "macro_f1_se", "seeds")
-    print(json.dumps({t: {n: {k: p[k] for k in keys} for n, p in r.items()} for t, r in results.items()}))
+    summary: dict[str, Any] = {t: {n: {k: p[k] for k in keys} for n, p in r.items()} for t, r in results.items()}
+    if args.active:
+        curve = active_curve(args) if args.merge is None else merge_active(args.merge, args)
+        meta["seconds"] = round(time.monotonic() - started, 1)
+        for folder in {args.out, args.docs or args.out}:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "learning_curve_active.json").write_text(json.dumps({"meta": meta, **curve}, indent=2))
+            plot_active(curve, folder / "learning_curve_active.png")
+        for arm, key in (("active", "active"), ("random", "active_random")):
+            summary[key] = {t: {k: p[curve["variant"]][k] for k in keys} for t, p in curve["curves"][arm].items()}
+    print(json.dumps(summary))
     return 0
 
 
