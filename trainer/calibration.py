@@ -20,6 +20,10 @@ The rules where the validation split cannot say (recorded per attribute as `stat
 - `target_not_reached`: the fitted T, and REVIEW_ALL.
 - `ok`: the fitted T and the threshold found.
 
+A fitted T at a bound of clip_math.TEMPERATURE_BOUNDS is not used (T = 1, `temperature_at_bound`):
+it means the validation predictions are all right (the NLL keeps falling as T -> 0) or all wrong,
+which says nothing about how much to rescale. Small, separable validation splits do this.
+
 Logits are fp32 at the logit scale a worker serves with (exp(logit_scale) clamped at 100, as
 worker.model_cache does), so the temperatures fitted here apply to the worker's logits.
 """
@@ -120,13 +124,17 @@ def calibrate_attribute(
     """(temperature, review threshold or None for never, report entry) of one attribute. Pure tensors."""
     val_logits, val_targets = _labeled(val_logits, val_targets)
     test_logits, test_targets = _labeled(test_logits, test_targets)
-    temperature, threshold = 1.0, None
+    temperature, threshold, fitted, at_bound = 1.0, None, None, False
     if not len(val_targets):
         status = "no_validation_labels"
     elif len(val_targets) < min_support:
         status, threshold = "too_few_validation_labels", REVIEW_ALL
     else:
-        temperature = fit_temperature(val_logits, val_targets)
+        fitted = fit_temperature(val_logits, val_targets)
+        # at a bound, the validation split is separable (all right: T -> 0) or all wrong (T -> inf); it
+        # says nothing about how much to rescale, so T stays 1 rather than sharpening 10 times on 10 images
+        at_bound = any(abs(fitted / bound - 1) < 1e-3 for bound in TEMPERATURE_BOUNDS)
+        temperature = 1.0 if at_bound else fitted
         probabilities = calibrated_probabilities(val_logits.double(), temperature)
         confidence, predicted = probabilities.max(dim=-1)
         threshold = threshold_for_precision(confidence, predicted == val_targets, target_precision, min_support)
@@ -136,8 +144,7 @@ def calibrate_attribute(
     calibrated = calibrated_probabilities(test_logits.double(), temperature)
     entry = {
         "status": status, "temperature": temperature, "review_threshold": threshold,
-        "temperature_at_bound": status in ("ok", "target_not_reached")
-        and any(abs(temperature / b - 1) < 1e-3 for b in TEMPERATURE_BOUNDS),
+        "fitted_temperature": fitted, "temperature_at_bound": at_bound,
         "validation_support": len(val_targets), "test_support": len(test_targets),
         "validation": _review_stats(calibrated_probabilities(val_logits.double(), temperature), val_targets,
                                     threshold),

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import cast
 
+import pytest
 import redis
 import torch
 from PIL import Image
@@ -95,6 +96,11 @@ def test_calibrate_attribute_rules_when_validation_cannot_say() -> None:
 
     t, threshold, entry = calibrate_attribute(val[:5], val_t[:5], test, test_t, target_precision=0.9)
     assert (t, threshold, entry["status"]) == (1.0, clip_math.REVIEW_ALL, "too_few_validation_labels")
+
+    separable = val.argmax(-1)  # every validation prediction right: the fit runs to T's lower bound
+    t, threshold, entry = calibrate_attribute(val, separable, test, test_t, target_precision=0.9)
+    assert entry["temperature_at_bound"] and entry["fitted_temperature"] == pytest.approx(0.1, rel=1e-3)
+    assert t == 1.0 and entry["status"] == "ok" and threshold is not None and threshold <= 1
 
     wrong = (val.argmax(-1) + 1) % 3  # every prediction wrong: no threshold reaches any precision
     t, threshold, entry = calibrate_attribute(val, wrong, test, test_t, target_precision=0.9)
