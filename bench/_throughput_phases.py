@@ -395,12 +395,12 @@ class ProcessPhase(_Burst):
             self.client.close()
 
 
-# --- the worker as it was before issue 12's plumbing changes (for the before/after table) ------------
+# --- the worker as it was before issue 12's plumbing changes (for the before/after tables) -----------
 
 
 @contextlib.contextmanager
 def plumbing_baseline(on: bool, service: Any) -> Iterator[None]:
-    """Switch off this change set's per-image savings in this process's worker while the block runs:
+    """Switch off session 2's per-image savings in this process's worker while the block runs:
     boto3 for every S3 request, PIL's resize in preprocessing, and the task-started event."""
     if not on:
         yield
@@ -417,6 +417,40 @@ def plumbing_baseline(on: bool, service: Any) -> Iterator[None]:
         yield
     finally:
         framing.preprocess_pil, task_request.SKIPPED_EVENTS, service.store = fast, skipped, store
+
+
+@contextlib.contextmanager
+def plumbing_baseline_s3(on: bool, service: Any) -> Iterator[None]:
+    """Switch off session 3's per-image savings (docs/performance.md) while the block runs: kombu's
+    new redis.Redis per command and separate in-flight LREM in the transport, redaction's three
+    substitutions on every field of every log line, float ops and normalize on channels-last pixels."""
+    if not on:
+        yield
+        return
+    import re
+
+    import torchvision.transforms.v2.functional as TF
+    from kombu.transport import redis as kombu_redis
+
+    from shelfsight.shared import framing, logs, redis_transport
+
+    def strided_preprocess(image: Any, size: int, mean: Any, std: Any, draft_size: int | None = None) -> Any:
+        square = framing.letterbox_tensor(framing.draft_like(image, draft_size))
+        resized = TF.resize(square, [size, size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+        return TF.normalize(resized.float().div_(255.0).clamp_(0.0, 1.0), list(mean), list(std))
+
+    saved = (redis_transport.Channel.conn_or_acquire, redis_transport.QoS.append, logs._MAYBE_SECRET,
+             logs._secret_key, framing.preprocess_tensor)
+    redis_transport.Channel.conn_or_acquire = kombu_redis.Channel.conn_or_acquire  # type: ignore[method-assign]
+    redis_transport.QoS.append = kombu_redis.QoS.append  # type: ignore[method-assign]  # LREM after, as before
+    logs._MAYBE_SECRET = re.compile("")  # matches everything: every substitution runs
+    logs._secret_key = lambda key: isinstance(key, str) and any(s in key.lower() for s in logs._SECRET_KEYS)
+    framing.preprocess_tensor = strided_preprocess
+    try:
+        yield
+    finally:
+        (redis_transport.Channel.conn_or_acquire, redis_transport.QoS.append, logs._MAYBE_SECRET,
+         logs._secret_key, framing.preprocess_tensor) = saved
 
 
 # --- a new model version, promoted and announced as the trainer does (the hot swap) ------------------

@@ -81,6 +81,7 @@ from _throughput_phases import (
     no_draft_decode,
     percentile,
     plumbing_baseline,
+    plumbing_baseline_s3,
     publish_version,
     resident_models,
     upload_images,
@@ -119,9 +120,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--s3", choices=("standin", "moto"), default="standin",
                    help="S3 server on loopback: the bench's stand-in (bench/_s3_standin.py, keep-alive, light) or moto")
     p.add_argument("--s3-processes", type=int, default=None, help="stand-in processes (CPU default 1, GPU 4)")
-    p.add_argument("--plumbing-baseline", action="store_true",
-                   help="also run the in-process bursts with this change set's per-image savings off (boto3 for "
-                        "S3, PIL resize, task-started events), interleaved: the before/after plumbing table")
+    p.add_argument("--plumbing-baseline", nargs="?", const="s3", default=None, choices=("s2", "s3"),
+                   help="also run the in-process bursts with a change set's per-image savings off, interleaved: "
+                        "the before/after plumbing table. s3 (the default): session 3's (kombu's Redis client "
+                        "per command and separate in-flight LREM, full log redaction, strided normalize); "
+                        "s2: session 2's (boto3 for S3, PIL resize, task-started events)")
     p.add_argument("--dry-run", action="store_true", help="every phase at tiny sizes (checks the script, not speed)")
     p.add_argument("--out", default=None, help="directory for logs/profile/result JSON (default bench/out or $OUT)")
     return p.parse_args(argv)
@@ -292,10 +295,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # (c) end to end, burst then paced.
         meter = CpuMeter({"s3_server": svc.moto.pid, "redis_server": svc.redis.pid})
         variants = [("e2e", False)] + ([("e2e-baseline", True)] if args.plumbing_baseline else [])
+        baseline_off = plumbing_baseline_s3 if args.plumbing_baseline == "s3" else plumbing_baseline
         with CeleryPhase(settings_for("e2e", 2), args.concurrency, uris, "e2e") as phase:
             say(f"(c) e2e worker up: threads pool x{args.concurrency}; warming up with {args.batch_size} events")
             for _, baseline in variants:
-                with plumbing_baseline(baseline, phase.service):
+                with baseline_off(baseline, phase.service):
                     phase.run(min(args.batch_size, args.images))
             # Interleave bare and e2e measurements and take the median of the adjacent pairs'
             # ratios: this machine's speed drifts by up to 2x within minutes (other tenants).
@@ -306,7 +310,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     m.load(f"{label}_start")
                     meter.start()
                     profile_to = out_dir / "profile-e2e" if args.profile and repeat == 0 and not baseline else None
-                    with plumbing_baseline(baseline, phase.service), \
+                    with baseline_off(baseline, phase.service), \
                             py_spy(profile_to, [os.getpid(), svc.moto.pid]) as files:
                         run = phase.run(args.images)
                     run.cpu_s = meter.stop()
