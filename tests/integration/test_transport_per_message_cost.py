@@ -1,0 +1,56 @@
+"""The crash-safe transport's per-message Redis work (session 3 of issue 12), on a real redis-server:
+a delivered message is recorded as unacked and off the consumer's in-flight list by the time the
+consumer sees it (one MULTI/EXEC), and consuming builds no redis.Redis per message."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import redis
+from kombu import Connection, Exchange, Queue
+
+from shelfsight.shared.celery_app import CRASH_SAFE_REDIS_TRANSPORT
+from shelfsight.shared.settings import Settings
+
+MESSAGES = 20
+
+
+def test_each_message_is_unacked_and_off_the_inflight_list_when_delivered(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, queue = settings.broker_url, "cost"
+    exchange = Exchange(queue, "direct")
+    with Connection(url) as conn:
+        producer = conn.Producer()
+        for i in range(MESSAGES):
+            producer.publish({"n": i}, exchange=exchange, routing_key=queue, serializer="json",
+                             declare=[Queue(queue, exchange, routing_key=queue)])
+    client = redis.Redis.from_url(url)
+    built = {"n": 0}
+    original_init = redis.Redis.__init__
+
+    def counting_init(self: redis.Redis, *args: object, **kwargs: object) -> None:
+        built["n"] += 1
+        original_init(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    seen: list[tuple[int, bool, int]] = []
+    with Connection(url, transport=CRASH_SAFE_REDIS_TRANSPORT) as conn:
+        channel = conn.default_channel
+        inflight = channel._inflight_list(queue)
+
+        def on_message(body: dict, message) -> None:  # type: ignore[no-untyped-def]
+            tag = message.delivery_tag
+            seen.append((body["n"], client.hexists("unacked", tag), client.llen(inflight)))
+            message.ack()
+
+        with conn.Consumer(Queue(queue, exchange, routing_key=queue), callbacks=[on_message], accept=["json"]):
+            conn.drain_events(timeout=5)  # the first: clients and pools built here
+            monkeypatch.setattr(redis.Redis, "__init__", counting_init)
+            deadline = time.monotonic() + 30
+            while len(seen) < MESSAGES and time.monotonic() < deadline:
+                conn.drain_events(timeout=5)
+    assert sorted(n for n, _, _ in seen) == list(range(MESSAGES))
+    assert all(unacked and held == 0 for _, unacked, held in seen), seen  # recorded, and not in flight
+    assert built["n"] <= 1, f"{built['n']} redis.Redis built for {MESSAGES - 1} messages"
+    assert client.hlen("unacked") == 0 and client.llen(queue) == 0
