@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 import structlog
 from celery import Task, shared_task
 from celery.exceptions import Reject
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_init, worker_ready, worker_shutdown
 
 from shelfsight.shared.celery_app import EXTRACT_TASK
 from shelfsight.worker import metrics
@@ -86,6 +86,16 @@ def _runtime(sender: Any) -> WorkerRuntime | None:
     """The runtime of the sender's app; None for an app that is not an extraction worker's
     (signals are process-global, and a test process runs several kinds of app)."""
     return getattr(getattr(sender, "app", None), "shelfsight_runtime", None)
+
+
+@worker_init.connect
+def _on_init(sender: Any = None, **_: Any) -> None:
+    """Before the consumer builds its task strategies (which read it once): extraction's task
+    events on or off (`extract_task_events`; heartbeats and training's events are not touched)."""
+    runtime = _runtime(sender)
+    if runtime is not None:
+        sender.app.loader.import_default_modules()
+        sender.app.tasks[EXTRACT_TASK].send_events = runtime.settings.extract_task_events
 
 
 @worker_ready.connect
