@@ -441,8 +441,8 @@ def plumbing_baseline_s3(on: bool, service: Any) -> Iterator[None]:
 
     saved = (redis_transport.Channel.conn_or_acquire, redis_transport.QoS.append, logs._MAYBE_SECRET,
              logs._secret_key, framing.preprocess_tensor)
-    redis_transport.Channel.conn_or_acquire = kombu_redis.Channel.conn_or_acquire  # type: ignore[method-assign]
-    redis_transport.QoS.append = kombu_redis.QoS.append  # type: ignore[method-assign]  # LREM after, as before
+    redis_transport.Channel.conn_or_acquire = kombu_redis.Channel.conn_or_acquire
+    redis_transport.QoS.append = kombu_redis.QoS.append  # LREM after, as before
     logs._MAYBE_SECRET = re.compile("")  # matches everything: every substitution runs
     logs._secret_key = lambda key: isinstance(key, str) and any(s in key.lower() for s in logs._SECRET_KEYS)
     framing.preprocess_tensor = strided_preprocess

@@ -1,0 +1,86 @@
+#!/usr/bin/env python
+"""Celery's own CPU per message on the extraction worker's configuration: the floor under the
+worker's per-image plumbing (docs/performance.md, issue 12).
+
+A no-op task with the extract task's options (`ignore_result`, the `ExtractRequest` without
+`task-started`, any arguments) on an app from `create_celery_app` (threads pool, `acks_late`,
+the crash-safe Redis transport, task events on unless --no-events), `--concurrency` threads, a
+real redis-server. N messages with an upload event's size are enqueued; the CPU of the worker's
+threads (the consumer and the task threads; not the bench's main thread) is divided by N. With
+--baseline, bursts alternate with session 3's transport and logging savings switched off.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/_throughput_floor.py --baseline
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from _throughput_harness import CpuMeter, plumbing_by_component, say, services
+from _throughput_phases import plumbing_baseline_s3
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--messages", type=int, default=1000)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--no-events", action="store_true", help="worker_send_task_events off (all task events)")
+    p.add_argument("--baseline", action="store_true", help="interleave bursts with session 3's savings off")
+    args = p.parse_args()
+    from celery.contrib.testing.worker import start_worker
+
+    from shelfsight.shared.celery_app import create_celery_app
+    from shelfsight.shared.settings import Settings
+
+    with tempfile.TemporaryDirectory() as tmp, services(Path(tmp), "standin", 1) as svc:
+        settings = Settings(broker_url=f"{svc.redis_url}/3", result_backend=f"{svc.redis_url}/3")
+        app = create_celery_app(settings)
+        app.conf.worker_send_task_events = not args.no_events
+        done = {"n": 0}
+
+        @app.task(name="bench.noop", ignore_result=True, typing=False,
+                  Request="shelfsight.worker.task_request:ExtractRequest")
+        def noop(*_args: Any, **_kwargs: Any) -> None:
+            done["n"] += 1
+
+        app.conf.task_routes = {"bench.noop": {"queue": settings.extract_queue}}
+        event = {"event_id": "0" * 32, "product_id": "p", "category": "tops", "image": "s3://bucket/uploads/tops/p.jpg",
+                 "submitted_at": "2026-11-27T12:00:00+00:00"}
+        results: dict[bool, list[float]] = {False: [], True: []}
+        with start_worker(app, pool="threads", concurrency=args.concurrency, queues=[settings.extract_queue],
+                          perform_ping_check=False, loglevel="WARNING"):
+            for _ in range(args.repeats):
+                for baseline in ([False, True] if args.baseline else [False]):
+                    with plumbing_baseline_s3(baseline, None):
+                        done["n"] = 0
+                        for _ in range(50):  # warm: every thread started, clients built
+                            noop.delay(event)
+                        while done["n"] < 50:
+                            time.sleep(0.05)
+                        done["n"] = 0
+                        signatures = [noop.s(event) for _ in range(args.messages)]
+                        meter = CpuMeter({"redis_server": svc.redis.pid})
+                        meter.start()
+                        for signature in signatures:
+                            signature.delay()
+                        while done["n"] < args.messages:
+                            time.sleep(0.02)
+                        time.sleep(0.5)  # the last acks
+                        by_kind = plumbing_by_component(meter.stop(), args.messages)
+                    results[baseline].append(sum(by_kind.values()))
+                    say(f"{'before' if baseline else 'after '}: {sum(by_kind.values()):.2f} ms of worker CPU per "
+                        f"message {by_kind}; load {os.getloadavg()[0]:.1f}")
+        for baseline, runs in results.items():
+            if runs:
+                say(f"{'before' if baseline else 'after'}: median {statistics.median(runs):.2f} ms per message")
+
+
+if __name__ == "__main__":
+    main()
