@@ -43,7 +43,7 @@ from shelfsight.shared.storage import (
     StorageError,
     TransientStorageError,
 )
-from shelfsight.shared.streams import EventPublisher, publish_after_write
+from shelfsight.shared.streams import EventPublisher, publish_after_write, publish_all_after_write
 from shelfsight.shared.taxonomy import Taxonomy
 from shelfsight.worker import metrics
 from shelfsight.worker.batcher import BatchItem, MicroBatcher
@@ -423,35 +423,36 @@ class ExtractionService:
                 continue  # another worker wrote in between: look again
         else:
             raise TransientStorageError(f"result {key} kept changing under concurrent writers")
-        # the result is durable now: a stream failure is counted and logged, never a dead letter
-        published = publish_after_write(self.publisher, self.settings.results_stream, {
+        # the result is durable now: a stream failure is counted and logged, never a dead letter;
+        # the results entry and (if it needs review) the review entry go in one round trip
+        entries = [(self.settings.results_stream, {
             "event_id": record.event_id, "product_id": record.product_id, "category": record.category,
             "result": f"s3://{self.settings.bucket}/{key}", "model_version": record.model.version,
             "image_etag": record.image.etag, "status": "result",
-        })
-        if published is None:
-            metrics.STREAM_PUBLISH_FAILURES.labels(stream="results").inc()
+        })]
         if record.needs_review:
-            self._publish_review(record, f"s3://{self.settings.bucket}/{key}")
+            entries.append((self.settings.review_stream, self._review_entry(record, f"s3://{self.settings.bucket}/{key}")))
+        for (stream, _), published in zip(entries, publish_all_after_write(self.publisher, entries), strict=True):
+            if published is None:
+                metrics.STREAM_PUBLISH_FAILURES.labels(
+                    stream="results" if stream == self.settings.results_stream else "review").inc()
         metrics.STAGE_SECONDS.labels(stage="write").observe(time.perf_counter() - t0)
         return "result"
 
-    def _publish_review(self, record: ResultRecord, result_uri: str) -> None:
-        """Put a durable result that needs review on the review stream (as the results stream: a
-        notification after the write, never raised). A redelivered event publishes again: consumers
-        key on event_id."""
+    def _review_entry(self, record: ResultRecord, result_uri: str) -> dict[str, Any]:
+        """The review stream entry of a durable result that needs review (published with the results
+        entry: a notification after the write, never raised). A redelivered event publishes again:
+        consumers key on event_id."""
         probabilities = {a: torch.tensor([list(r.scores.values())]) for a, r in record.attributes.items()}
         uncertainty = float(clip_math.product_uncertainty(probabilities)[0])  # the review-queue order
-        published = publish_after_write(self.publisher, self.settings.review_stream, {
+        return {
             "event_id": record.event_id, "product_id": record.product_id, "category": record.category,
             "image": record.image.uri, "result": result_uri, "model_version": record.model.version,
             "uncertainty": str(round(uncertainty, SCORE_DECIMALS)),
             "attributes": json.dumps({a: {"value": r.value, "confidence": r.confidence, "needs_review": r.needs_review,
                                           "scores": r.scores} for a, r in record.attributes.items()}),
             "submitted_at": record.submitted_at.isoformat(),
-        })
-        if published is None:
-            metrics.STREAM_PUBLISH_FAILURES.labels(stream="review").inc()
+        }
 
     def _record_superseded(self, event: UploadEvent, newer: ResultRecord) -> None:
         """A newer upload of the product already has a result: record that this event lost.
