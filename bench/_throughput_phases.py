@@ -423,7 +423,8 @@ def plumbing_baseline(on: bool, service: Any) -> Iterator[None]:
 def plumbing_baseline_s3(on: bool, service: Any) -> Iterator[None]:
     """Switch off session 3's per-image savings (docs/performance.md) while the block runs: kombu's
     new redis.Redis per command and separate in-flight LREM in the transport, redaction's three
-    substitutions on every field of every log line, float ops and normalize on channels-last pixels."""
+    substitutions on every field of every log line, float ops and normalize on channels-last pixels,
+    one XADD round trip per stream entry."""
     if not on:
         yield
         return
@@ -432,7 +433,7 @@ def plumbing_baseline_s3(on: bool, service: Any) -> Iterator[None]:
     import torchvision.transforms.v2.functional as TF
     from kombu.transport import redis as kombu_redis
 
-    from shelfsight.shared import framing, logs, redis_transport
+    from shelfsight.shared import framing, logs, redis_transport, streams
 
     def strided_preprocess(image: Any, size: int, mean: Any, std: Any, draft_size: int | None = None) -> Any:
         square = framing.letterbox_tensor(framing.draft_like(image, draft_size))
@@ -440,17 +441,18 @@ def plumbing_baseline_s3(on: bool, service: Any) -> Iterator[None]:
         return TF.normalize(resized.float().div_(255.0).clamp_(0.0, 1.0), list(mean), list(std))
 
     saved = (redis_transport.Channel.conn_or_acquire, redis_transport.QoS.append, logs._MAYBE_SECRET,
-             logs._secret_key, framing.preprocess_tensor)
+             logs._secret_key, framing.preprocess_tensor, streams.RedisStreamPublisher.publish_many)
     redis_transport.Channel.conn_or_acquire = kombu_redis.Channel.conn_or_acquire
     redis_transport.QoS.append = kombu_redis.QoS.append  # LREM after, as before
     logs._MAYBE_SECRET = re.compile("")  # matches everything: every substitution runs
     logs._secret_key = lambda key: isinstance(key, str) and any(s in key.lower() for s in logs._SECRET_KEYS)
     framing.preprocess_tensor = strided_preprocess
+    setattr(streams.RedisStreamPublisher, "publish_many", None)  # noqa: B010 - publish_all_after_write: one XADD each
     try:
         yield
     finally:
         (redis_transport.Channel.conn_or_acquire, redis_transport.QoS.append, logs._MAYBE_SECRET,
-         logs._secret_key, framing.preprocess_tensor) = saved
+         logs._secret_key, framing.preprocess_tensor, streams.RedisStreamPublisher.publish_many) = saved
 
 
 # --- a new model version, promoted and announced as the trainer does (the hot swap) ------------------

@@ -123,7 +123,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--plumbing-baseline", nargs="?", const="s3", default=None, choices=("s2", "s3"),
                    help="also run the in-process bursts with a change set's per-image savings off, interleaved: "
                         "the before/after plumbing table. s3 (the default): session 3's (kombu's Redis client "
-                        "per command and separate in-flight LREM, full log redaction, strided normalize); "
+                        "per command and separate in-flight LREM, full log redaction, strided normalize, one XADD per stream entry); "
                         "s2: session 2's (boto3 for S3, PIL resize, task-started events)")
     p.add_argument("--dry-run", action="store_true", help="every phase at tiny sizes (checks the script, not speed)")
     p.add_argument("--out", default=None, help="directory for logs/profile/result JSON (default bench/out or $OUT)")
