@@ -508,8 +508,10 @@ def summarize_active(runs: dict[str, dict[str, list[dict[str, Any]]]], rounds: S
              if not (arm == "random" and t == first)]
     grid = {key: statistics.fmean(r["tip_grid"][key]["selection"] for r in every) for key in every[0]["tip_grid"]}
     key = max(grid, key=grid.__getitem__)
-    for r in every:
-        r["tip"] = r["tip_grid"][key]["test"]
+    for by_total in runs.values():
+        for rs in by_total.values():
+            for r in rs:
+                r["tip"] = r["tip_grid"][key]["test"]
     plain = statistics.fmean(r["ft_selection"] for r in every)
     variant = "tip" if args.tip_alpha >= 0 and grid[key] > plain else "ft"
     alpha, beta = (float(x) for x in key.split(","))
@@ -519,6 +521,88 @@ def summarize_active(runs: dict[str, dict[str, list[dict[str, Any]]]], rounds: S
             "lp_epochs": args.lp_epochs,
             "curves": {arm: {total: {"ft": _mean_point(rs, "ft"), "tip": _mean_point(rs, "tip"), "runs": rs}
                              for total, rs in by_total.items()} for arm, by_total in runs.items()}}
+
+
+@torch.no_grad()
+def _trunk_features(bundle: Any, images: Sequence[Image.Image]) -> torch.Tensor:
+    """The pretrained image trunk's pooled features (before the random projection), L2-normalised."""
+    bundle.model.eval()
+    pre = PreprocessedImages(images, bundle.preprocess, bundle.image_size)
+    return torch.cat([normalize(bundle.model.visual.trunk(pre.get(range(i, min(len(images), i + EVAL_BATCH_SIZE)))))
+                      for i in range(0, len(images), EVAL_BATCH_SIZE)])
+
+
+def linear_probe(features: torch.Tensor, targets: torch.Tensor, weight_decay: float, classes: int = 10) -> torch.Tensor:
+    """Multinomial logistic regression (L-BFGS, L2 penalty) on frozen features; returns weights [D + 1, V]."""
+    torch.manual_seed(0)
+    x = torch.cat([features * 10.0, torch.ones(len(features), 1)], dim=1)
+    weights = torch.zeros(x.shape[1], classes, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weights], max_iter=200, line_search_fn="strong_wolfe")
+
+    def loss() -> torch.Tensor:
+        optimizer.zero_grad()
+        value = torch.nn.functional.cross_entropy(x @ weights, targets) + weight_decay * (weights[:-1] ** 2).sum()
+        value.backward()
+        return value
+
+    optimizer.step(loss)
+    return weights.detach()
+
+
+def _probe_logits(weights: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    return torch.cat([features * 10.0, torch.ones(len(features), 1)], dim=1) @ weights
+
+
+def frozen_probe_curve(args: argparse.Namespace) -> dict[str, Any]:
+    """The same rounds, pools and seeds as `active_curve`, with a linear probe on the frozen trunk's features.
+
+    Cheap enough for many seeds: it asks whether the review-queue ordering picks better labels
+    than random on this data at all, apart from the noise of fine-tuning. L2 strength chosen on
+    the selection split (seed 0, balanced first round, all rounds' random labels); never on test.
+    """
+    task = _fashion_task(args)
+    images, labels = _fashion_file("train")
+    rounds = [int(r) for r in args.active_rounds.split(",")]
+    bundle = create_clip(args.arch, args.weights, device="auto", precision="fp32", image_size=args.image_size)
+    test, test_y = _trunk_features(bundle, [im for _, im, _ in task.test]), _targets(task.test)
+    sel, sel_y = _trunk_features(bundle, [im for _, im, _ in task.selection]), _targets(task.selection)
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {"active": {}, "random": {}}
+    decays = (1e-4, 1e-3, 1e-2)
+    chosen_decay: float | None = None
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        first = task.pool(seed, rounds[0] * task.per_class)[: rounds[0] * task.per_class]
+        taken = {int(i.split("-")[1]) for i, _, _ in first}
+        rng = np.random.default_rng(1000 + seed)  # the pool active_curve draws for this seed
+        pool_ids = rng.choice(np.setdiff1d(np.arange(FASHION_POOL_END), sorted(taken)), args.pool_size, replace=False)
+        pool = _trunk_features(bundle, [Image.fromarray(images[i]).convert("RGB") for i in pool_ids])
+        pool_y = torch.tensor(labels[pool_ids].astype(np.int64))
+        first_x, first_y = _trunk_features(bundle, [im for _, im, _ in first]), _targets(first)
+        random_order = [int(i) for i in np.random.default_rng(2000 + seed).permutation(len(pool))]
+        if chosen_decay is None:
+            some = random_order[: rounds[-1] * task.per_class - len(first)]
+            x, y = torch.cat([first_x, pool[some]]), torch.cat([first_y, pool_y[some]])
+            scores = {d: _metrics(_probe_logits(linear_probe(x, y, d), sel), sel_y)["macro_f1"] for d in decays}
+            chosen_decay = max(scores, key=scores.__getitem__)
+        chosen: dict[str, list[int]] = {"active": [], "random": []}
+        for r, per_class in enumerate(rounds):
+            for arm in ("active", "random"):
+                x, y = torch.cat([first_x, pool[chosen[arm]]]), torch.cat([first_y, pool_y[chosen[arm]]])
+                weights = linear_probe(x, y, chosen_decay)
+                runs[arm].setdefault(str(per_class * task.per_class), []).append(
+                    {"seed": seed, "probe": _metrics(_probe_logits(weights, test), test_y)})
+                if r + 1 < len(rounds):
+                    need = rounds[r + 1] * task.per_class - len(y)
+                    if arm == "active":
+                        margin = product_uncertainty({"type": _probe_logits(weights, pool).softmax(-1)}).tolist()
+                        chosen["active"] += pick_uncertain(margin, chosen["active"], need)
+                    else:
+                        chosen["random"] += pick_random(random_order, chosen["random"], need)
+        print(f"frozen probe seed {seed}: " + ", ".join(
+            f"{t} {runs['active'][t][-1]['probe']['macro_f1']:.3f}/{runs['random'][t][-1]['probe']['macro_f1']:.3f}"
+            for t in runs["active"]), file=sys.stderr, flush=True)
+    return {"weight_decay": chosen_decay, "curves": {arm: {t: {"probe": _mean_point(rs, "probe"), "runs": rs}
+                                                           for t, rs in by_total.items()}
+                                                     for arm, by_total in runs.items()}}
 
 
 def merge_active(paths: Sequence[Path], args: argparse.Namespace) -> dict[str, Any]:
@@ -531,37 +615,43 @@ def merge_active(paths: Sequence[Path], args: argparse.Namespace) -> dict[str, A
         for arm, by_total in part.items():
             for total, rs in by_total.items():
                 runs[arm].setdefault(total, []).extend(rs)
-    seeds = [sorted({r["seed"] for r in rs}) for by_total in runs.values() for rs in by_total.values()]
-    if any(s != seeds[0] for s in seeds):
-        raise SystemExit(f"--merge: the files do not cover the same seeds at every budget: {seeds}")
+    every_seed = {r["seed"] for by_total in runs.values() for rs in by_total.values() for r in rs}
+    for arm, by_total in runs.items():  # a budget some seed has not reached yet (a partial file) is left out
+        for total in [t for t, rs in by_total.items() if {r["seed"] for r in rs} != every_seed]:
+            print(f"--merge: {arm} {total} labels left out: not every seed reached it", file=sys.stderr)
+            del by_total[total]
     rounds = sorted({int(t) // 10 for t in runs["active"]})
     return summarize_active(runs, rounds, args)
 
 
-def plot_active(curve: dict[str, Any], path: Path) -> None:
+def plot_active(curve: dict[str, Any], path: Path, probe: dict[str, Any] | None = None) -> None:
+    """Test macro-F1 against total labels, uncertainty vs random choice (mean ± SE); the probe curve beside."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for arm, marker in (("active", "o"), ("random", "s")):
-        for variant, style in (("ft", "-"), ("tip", "--")):
-            points = curve["curves"][arm]
-            if variant not in next(iter(points.values())):
-                continue
-            xs = [int(t) for t in points]
-            ax.errorbar(xs, [points[str(x)][variant]["macro_f1"] for x in xs],
-                        yerr=[points[str(x)][variant]["macro_f1_se"] for x in xs], marker=marker, linestyle=style,
-                        capsize=3, label=f"{'uncertainty' if arm == 'active' else 'random'} choice, "
-                        f"{'fine-tuned' if variant == 'ft' else '+ Tip-Adapter cache'}")
-    ax.axhline(0.88, color="grey", linestyle=":", label="target 0.88")
-    ax.set_xlabel("total labels (10 classes)")
-    ax.set_ylabel("test macro-F1 (mean ± SE)")
-    seeds = next(iter(curve["curves"]["active"].values()))["ft"]["seeds"]
-    ax.set_title(f"Fashion-MNIST: uncertainty vs random choice of labels, {seeds} seeds\n{MODEL_NAME}", fontsize=8)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    panels = [("fine-tuned (the bench's model)", curve, (("ft", "-", "fine-tuned"), ("tip", "--", "+ Tip-Adapter")))]
+    if probe:
+        panels.append(("linear probe on the frozen image trunk", probe, (("probe", "-", "linear probe"),)))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.6), squeeze=False)
+    for ax, (title, data, variants) in zip(axes[0], panels, strict=True):
+        for arm, marker in (("active", "o"), ("random", "s")):
+            points = data["curves"][arm]
+            xs = sorted(int(t) for t in points)
+            for variant, style, name in variants:
+                ax.errorbar(xs, [points[str(x)][variant]["macro_f1"] for x in xs],
+                            yerr=[points[str(x)][variant]["macro_f1_se"] for x in xs], marker=marker,
+                            linestyle=style, capsize=3,
+                            label=f"{'uncertainty' if arm == 'active' else 'random'} choice, {name}")
+        seeds = max(p[variants[0][0]]["seeds"] for p in data["curves"]["active"].values())
+        ax.axhline(0.88, color="grey", linestyle=":", label="target 0.88")
+        ax.set_xlabel("total labels (10 classes)")
+        ax.set_ylabel("test macro-F1 (mean ± SE over seeds)")
+        ax.set_title(f"{title}, up to {seeds} seeds", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"Fashion-MNIST: labels chosen by the review-queue ordering vs at random\n{MODEL_NAME}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -637,6 +727,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tip-alpha", type=float, default=0.0,
                         help="with --active: a negative value never keeps the Tip-Adapter variant (it is always "
                         "scored; its alpha and beta are chosen on the selection split)")
+    parser.add_argument("--frozen-probe", action="store_true",
+                        help="the --active rounds with a linear probe on the frozen image trunk instead (cheap)")
     parser.add_argument("--first-seed", type=int, default=0, help="with --active: seeds first..first+seeds-1")
     parser.add_argument("--merge", type=Path, nargs="*", default=None,
                         help="with --active: summarize the runs of these learning_curve_active(.partial).json files "
@@ -658,12 +750,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.seeds < MIN_SEEDS:
         print(f"warning: {args.seeds} seeds per point; a reported figure needs at least {MIN_SEEDS}", file=sys.stderr)
     started = time.monotonic()
-    tasks = build_tasks(args.quick, args.image_size, [] if args.methods else args.tasks.split(","))
+    tasks = build_tasks(args.quick, args.image_size,
+                        [] if args.methods or args.frozen_probe else args.tasks.split(","))
     print(f"data ready in {time.monotonic() - started:.0f}s", file=sys.stderr, flush=True)
     meta = {"date": str(date.today()), "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}, "
             f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}",
             "command": " ".join(sys.argv), "model": MODEL_NAME, "config": {k: str(v) for k, v in vars(args).items()}}
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.frozen_probe:
+        probe = frozen_probe_curve(args)
+        meta["seconds"] = round(time.monotonic() - started, 1)
+        (args.out / "learning_curve_active_probe.json").write_text(json.dumps({"meta": meta, **probe}, indent=2))
+        print(json.dumps({arm: {t: p["probe"] for t, p in c.items()} for arm, c in probe["curves"].items()}))
+        return 0
     if args.methods:
         trial = methods(args)
         meta["seconds"] = round(time.monotonic() - started, 1)
@@ -697,7 +796,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for folder in {args.out, args.docs or args.out}:
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "learning_curve_active.json").write_text(json.dumps({"meta": meta, **curve}, indent=2))
-            plot_active(curve, folder / "learning_curve_active.png")
+            probe_file = folder / "learning_curve_active_probe.json"
+            probe = json.loads(probe_file.read_text()) if probe_file.exists() else None
+            plot_active(curve, folder / "learning_curve_active.png", probe)
         for arm, key in (("active", "active"), ("random", "active_random")):
             summary[key] = {t: {k: p[curve["variant"]][k] for k in keys} for t, p in curve["curves"][arm].items()}
     print(json.dumps(summary))
