@@ -15,6 +15,7 @@ from safetensors.torch import save as save_safetensors
 from shelfsight.shared import clip_math
 from shelfsight.shared.model_factory import create_clip, sha256_bytes
 from shelfsight.shared.registry import Manifest, ModelRegistry
+from shelfsight.shared.review import parse_entry
 from shelfsight.shared.settings import Settings
 from shelfsight.shared.storage import InMemoryObjectStore, TransientStorageError
 from shelfsight.shared.streams import InMemoryPublisher
@@ -124,6 +125,8 @@ def test_a_result_carries_needs_review_per_attribute_and_overall_and_goes_to_rev
     expected = clip_math.product_uncertainty(
         {a: torch.tensor([list(r["scores"].values())]) for a, r in record["attributes"].items()})
     assert float(review["uncertainty"]) == pytest.approx(float(expected[0]), abs=1e-4)
+    item = parse_entry("1-0", review)  # what `shelfsight review` reads back
+    assert item.product_id == "sku-1" and item.result == review["result"] and set(item.attributes) == {"lid", "handle"}
 
 
 def test_no_review_entry_when_nothing_needs_review(settings: Settings) -> None:
