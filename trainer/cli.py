@@ -345,7 +345,28 @@ def describe_manifest(manifest: dict[str, Any]) -> list[str]:
                      f"{mean['upper']:+.4f}) over {decision.get('champion_version')}")
     for attribute, delta in (decision.get("attribute_deltas") or {}).items():
         lines.append(f"{'  ' + attribute:<20} {delta:+.4f}")
+    return lines + _describe_calibration(manifest)
+
+
+def _describe_calibration(manifest: dict[str, Any]) -> list[str]:
+    """Per attribute: the temperature workers serve with, the review threshold, test ECE before → after."""
+    calibration = manifest.get("calibration") or {}
+    if not calibration:
+        return [f"{'calibration':<20} None (T = 1, never reviewed: trained before calibration)"]
+    lines = [f"{'calibration':<20} target precision {calibration.get('target_precision')}, "
+             f"mean test ECE {_num(calibration.get('ece_before'))} -> {_num(calibration.get('ece_after'))}"]
+    thresholds = manifest.get("review_thresholds") or {}
+    for attribute, entry in (calibration.get("attributes") or {}).items():
+        threshold = thresholds.get(attribute)
+        review = "never reviewed" if threshold is None else (
+            "always reviewed" if threshold > 1 else f"review below {threshold:.3f}")
+        lines.append(f"{'  ' + attribute:<20} T={_num(entry.get('temperature'))}, {review}, test ECE "
+                     f"{_num(entry.get('ece_before'))} -> {_num(entry.get('ece_after'))} ({entry.get('status')})")
     return lines
+
+
+def _num(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _print_pointer(category: str, pointer: dict[str, Any], as_json: bool) -> None:
