@@ -258,7 +258,8 @@ class ExtractionService:
             "batch_size": scored.batch_size,
         }
         status = self._write_result(record, event)
-        metrics.observe_confidences(event.category, {a: r.confidence for a, r in record.attributes.items()})
+        metrics.observe_confidences(event.category, {a: r.confidence for a, r in record.attributes.items()},
+                                    {a: r.needs_review for a, r in record.attributes.items()})
         metrics.STAGE_SECONDS.labels(stage="fetch").observe(t1 - t0)
         metrics.STAGE_SECONDS.labels(stage="decode").observe(t2 - t1)
         metrics.STAGE_SECONDS.labels(stage="batch").observe(t3 - t2)

@@ -63,10 +63,20 @@ CONFIDENCE = Histogram(
 )
 
 
-def observe_confidences(category: str, confidences: dict[str, float]) -> None:
-    """One observation per attribute of a result (category checked against the taxonomy)."""
+NEEDS_REVIEW = Counter(
+    "shelfsight_attributes_needing_review_total",
+    "Extracted attributes flagged needs_review (calibrated confidence below the review threshold)",
+    ["category", "attribute"],
+)
+
+
+def observe_confidences(category: str, confidences: dict[str, float], needs_review: dict[str, bool]) -> None:
+    """One observation per attribute of a result (category checked against the taxonomy), and a
+    count of those flagged for review: their share is what the review queue receives."""
     for attribute, confidence in confidences.items():
         CONFIDENCE.labels(category=category, attribute=attribute).observe(confidence)
+        if needs_review.get(attribute):
+            NEEDS_REVIEW.labels(category=category, attribute=attribute).inc()
 
 
 class ServingModels(Collector):

@@ -70,6 +70,8 @@ def test_running_worker_exports_every_metric_the_dashboard_and_rules_query(setti
         assert 'shelfsight_events_total{category="tops",outcome="result"}' in exposition
         assert 'shelfsight_model_info{category="tops",version="zero-shot"} 1.0' in exposition
         assert 'shelfsight_attribute_confidence_count{attribute=' in exposition
+        # zero-shot answers are all flagged for review, and counted
+        assert 'shelfsight_attributes_needing_review_total{attribute="sleeve_length",category="tops"} 1.0' in exposition
         assert 'shelfsight_queue_messages{queue="extract"} 0.0' in exposition
         assert "shelfsight_batcher_backlog 0.0" in exposition
         if shutil.which("prometheus"):
