@@ -66,8 +66,9 @@ def assert_weights_loaded(bundle: object, state: dict) -> None:
 
 
 def publish_tiny_version(settings: Settings, store: ObjectStore, category: str, seed: int,
-                         *, corrupt_sha: bool = False) -> str:
-    """Upload a distinct checkpoint of settings.model_arch as a registry version and promote it."""
+                         *, corrupt_sha: bool = False, image_size: int | None = None) -> str:
+    """Upload a distinct checkpoint of settings.model_arch as a registry version and promote it
+    (trained at `image_size`, recorded in its manifest; None: the architecture's own)."""
     import torch
     from safetensors.torch import save as save_safetensors
 
@@ -75,10 +76,11 @@ def publish_tiny_version(settings: Settings, store: ObjectStore, category: str, 
     from shelfsight.shared.registry import Manifest, ModelRegistry, new_version
     from shelfsight.shared.taxonomy import load_taxonomy
 
-    bundle = create_clip(settings.model_arch, "none")
+    bundle = create_clip(settings.model_arch, "none", image_size=image_size)
     generator = torch.Generator().manual_seed(seed)
     state = {k: v.detach().clone().contiguous() for k, v in bundle.model.state_dict().items()}
-    state["visual.proj"] += 0.5 * torch.randn(state["visual.proj"].shape, generator=generator)
+    proj = "visual.proj" if "visual.proj" in state else "visual.head.proj.weight"  # ViT, timm tower
+    state[proj] += 0.5 * torch.randn(state[proj].shape, generator=generator)
     weights = save_safetensors(state)
     cat = load_taxonomy(settings.taxonomy_path).category(category)
     version = new_version()
@@ -88,6 +90,7 @@ def publish_tiny_version(settings: Settings, store: ObjectStore, category: str, 
         taxonomy_version="test", values={n: a.value_names for n, a in cat.attributes.items()},
         captions={n: a.captions() for n, a in cat.attributes.items()},
         weights_sha256="0" * 64 if corrupt_sha else sha256_bytes(weights), weights_bytes=len(weights),
+        image_size=image_size,
     ), weights)
     registry.promote(category, version, reason="test")
     return version

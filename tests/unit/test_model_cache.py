@@ -75,3 +75,16 @@ def test_swaps_follow_current_by_identity_whatever_the_clocks_say(cache_parts) -
     store.put(settings.bucket, registry.key("pans", "CURRENT"), slow.model_dump_json().encode())
     assert cache.refresh("pans") is True and cache.get("pans").version == old
     assert cache.refresh("pans") is False  # same identity: nothing to load
+
+
+def test_a_version_trained_at_another_image_size_is_served_at_that_size() -> None:
+    # SHELFSIGHT_TRAIN_IMAGE_SIZE reaches the manifest; workers serve each version at its own size
+    settings = Settings(bucket="models-test", model_arch="shelfsight-effnet-lite0", model_weights="none",
+                        device="cpu")
+    store = InMemoryObjectStore()
+    cache = _cache(settings, store, load_taxonomy(settings.taxonomy_path))
+    assert cache.get("pans").image_size == 224  # zero-shot: the architecture's own
+    publish_tiny_version(settings, store, "pans", seed=1, image_size=96)
+    assert cache.refresh("pans") is True
+    tuned = cache.get("pans")
+    assert (tuned.mode, tuned.image_size) == ("fine_tuned", 96)
