@@ -415,8 +415,8 @@ def methods(args: argparse.Namespace) -> dict[str, Any]:
     task = _fashion_task(args)
     n = args.methods_budget
     table: dict[str, list[dict[str, Any]]] = {}
-    for lp_epochs in (0, args.lp_epochs):
-        for seed in range(args.seeds):
+    for lp_epochs in (args.lp_epochs,) if args.methods_lp_only else (0, args.lp_epochs):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             settings = bench_settings(args, seed).model_copy(update={"train_lp_epochs": lp_epochs})
             labeled = task.pool(seed, n * task.per_class)[: n * task.per_class]
             started = time.monotonic()
@@ -464,12 +464,17 @@ def active_curve(args: argparse.Namespace) -> dict[str, Any]:
                 for i in pool_ids]
         random_order = [int(i) for i in np.random.default_rng(2000 + seed).permutation(len(pool))]
         chosen: dict[str, list[int]] = {"active": [], "random": []}
+        arms = args.arms.split(",")
         for r, per_class in enumerate(rounds):
             total = per_class * task.per_class
-            for arm in ("active", "random"):
-                if r == 0 and arm == "random":  # one shared first round
+            for arm in arms:
+                if r == 0 and arm == "random" and "active" in arms:  # one shared first round
                     runs["random"].setdefault(str(total), []).append(runs["active"][str(total)][-1])
                     continue
+                if arms == ["random"] and args.train_at and total not in args.train_at:
+                    chosen["random"] += pick_random(random_order, chosen["random"],
+                                                    rounds[r + 1] * task.per_class - total if r + 1 < len(rounds) else 0)
+                    continue  # random picks need no model: train only where asked
                 labeled = [*first, *(pool[i] for i in chosen[arm])]
                 started = time.monotonic()
                 bundle, result = _train(labeled, task.spec, settings, args)
@@ -503,7 +508,7 @@ def summarize_active(runs: dict[str, dict[str, list[dict[str, Any]]]], rounds: S
     One (alpha, beta) for every run: the highest mean selection macro-F1 over all runs of both arms.
     The kept variant ("tip" or "ft") is the one with the higher mean selection macro-F1.
     """
-    first = str(min(int(t) for t in runs["active"]))  # the shared first round counts once
+    first = str(min((int(t) for t in runs["active"]), default=-1))  # the shared first round counts once
     every = [r for arm, by_total in runs.items() for t, rs in by_total.items() for r in rs
              if not (arm == "random" and t == first)]
     grid = {key: statistics.fmean(r["tip_grid"][key]["selection"] for r in every) for key in every[0]["tip_grid"]}
@@ -719,6 +724,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="also run the active-learning curve on Fashion-MNIST (issue #11); --tasks none: only it")
     parser.add_argument("--methods", action="store_true",
                         help="compare LP-FT, WiSE-FT and Tip-Adapter on the Fashion-MNIST selection split instead")
+    parser.add_argument("--methods-lp-only", action="store_true", help="--methods without the plain fine-tuning arm")
     parser.add_argument("--methods-budget", type=int, default=100, help="labels per class for --methods")
     parser.add_argument("--active-rounds", default="10,20,40,60,100", help="labels per class after each round")
     parser.add_argument("--pool-size", type=int, default=3000, help="candidate images the rounds choose from")
@@ -729,6 +735,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "scored; its alpha and beta are chosen on the selection split)")
     parser.add_argument("--frozen-probe", action="store_true",
                         help="the --active rounds with a linear probe on the frozen image trunk instead (cheap)")
+    parser.add_argument("--arms", default="active,random", help="with --active: the arms to run")
+    parser.add_argument("--train-at", type=lambda v: [int(x) for x in v.split(",")], default=None,
+                        help="with --active --arms random: train only at these total-label budgets")
     parser.add_argument("--first-seed", type=int, default=0, help="with --active: seeds first..first+seeds-1")
     parser.add_argument("--merge", type=Path, nargs="*", default=None,
                         help="with --active: summarize the runs of these learning_curve_active(.partial).json files "
