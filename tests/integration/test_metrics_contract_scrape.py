@@ -60,6 +60,8 @@ def test_running_worker_exports_every_metric_the_dashboard_and_rules_query(setti
         runtime_of(app).warm_up()
         assert serving_metrics(s), f"the worker's /metrics listener did not start on port {port}"
         wait_for_port(port, 60)
+        flagged_before = REGISTRY.get_sample_value("shelfsight_attributes_needing_review_total",
+                                                   {"attribute": "sleeve_length", "category": "tops"}) or 0.0
         enqueue_upload(create_celery_app(s), product_id="m1", category="tops",
                        image=f"s3://{s.bucket}/uploads/tops/m1.jpg")
         wait_for(lambda: store.exists(s.bucket, "results/tops/m1.json"), timeout=60)
@@ -70,8 +72,9 @@ def test_running_worker_exports_every_metric_the_dashboard_and_rules_query(setti
         assert 'shelfsight_events_total{category="tops",outcome="result"}' in exposition
         assert 'shelfsight_model_info{category="tops",version="zero-shot"} 1.0' in exposition
         assert 'shelfsight_attribute_confidence_count{attribute=' in exposition
-        # zero-shot answers are all flagged for review, and counted
-        assert 'shelfsight_attributes_needing_review_total{attribute="sleeve_length",category="tops"} 1.0' in exposition
+        # zero-shot answers are all flagged for review, and counted (one more than before this upload)
+        flagged = f'shelfsight_attributes_needing_review_total{{attribute="sleeve_length",category="tops"}} {flagged_before + 1.0}'
+        assert flagged in exposition
         assert 'shelfsight_queue_messages{queue="extract"} 0.0' in exposition
         assert "shelfsight_batcher_backlog 0.0" in exposition
         if shutil.which("prometheus"):
