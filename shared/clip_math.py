@@ -167,17 +167,10 @@ any confidence, so every prediction of that attribute carries needs_review=true 
 infinity)."""
 
 
-def _labeled(logits_or_probs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def labeled_rows(logits_or_probs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of [N, V] scores and [N] targets whose target is labeled (not IGNORE)."""
     keep = targets != IGNORE
     return logits_or_probs[keep], targets[keep]
-
-
-def temperature_nll(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> float:
-    """Mean negative log-likelihood of `targets` under softmax(logits / T), IGNORE targets left out."""
-    logits, targets = _labeled(logits.double(), targets.long())
-    if not len(targets):
-        return 0.0
-    return float(F.cross_entropy(logits / temperature, targets))
 
 
 def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, iterations: int = 60) -> float:
@@ -188,7 +181,7 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, iterations: int
     the search is exact to its tolerance, deterministic, and needs no optimiser state (LBFGS on
     a handful of validation images can step outside any sensible range).
     """
-    logits, targets = _labeled(logits.double(), targets.long())
+    logits, targets = labeled_rows(logits.double(), targets.long())
     if not len(targets):
         return 1.0
     low, high = math.log(TEMPERATURE_BOUNDS[0]), math.log(TEMPERATURE_BOUNDS[1])
@@ -227,7 +220,7 @@ def reliability_bins(probabilities: torch.Tensor, targets: torch.Tensor, bins: i
 
     The last bin includes 1.0. Empty bins are kept (count 0), so plots share their x axis.
     """
-    probabilities, targets = _labeled(probabilities.double(), targets.long())
+    probabilities, targets = labeled_rows(probabilities.double(), targets.long())
     confidence, predicted = probabilities.max(dim=-1)
     correct = (predicted.long() == targets).double()
     index = (confidence * bins).long().clamp(max=bins - 1)

@@ -37,7 +37,6 @@ import torch
 
 from shelfsight.shared.clip_math import (
     ECE_BINS,
-    IGNORE,
     MIN_THRESHOLD_SUPPORT,
     REVIEW_ALL,
     TEMPERATURE_BOUNDS,
@@ -45,6 +44,7 @@ from shelfsight.shared.clip_math import (
     calibrated_probabilities,
     expected_calibration_error,
     fit_temperature,
+    labeled_rows,
     reliability_bins,
     threshold_for_precision,
 )
@@ -101,11 +101,6 @@ def _targets(data: LabeledImages, attribute: str) -> torch.Tensor:
     return torch.tensor(list(data.targets.get(attribute, [])), dtype=torch.long)
 
 
-def _labeled(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    keep = targets != IGNORE
-    return logits[keep], targets[keep]
-
-
 def _review_stats(probabilities: torch.Tensor, targets: torch.Tensor, threshold: float | None) -> dict[str, Any]:
     """Share of predictions not sent to review, and their precision, at `threshold`."""
     if threshold is None or not len(targets):
@@ -122,8 +117,8 @@ def calibrate_attribute(
     target_precision: float, min_support: int = MIN_THRESHOLD_SUPPORT,
 ) -> tuple[float, float | None, dict[str, Any]]:
     """(temperature, review threshold or None for never, report entry) of one attribute. Pure tensors."""
-    val_logits, val_targets = _labeled(val_logits, val_targets)
-    test_logits, test_targets = _labeled(test_logits, test_targets)
+    val_logits, val_targets = labeled_rows(val_logits, val_targets)
+    test_logits, test_targets = labeled_rows(test_logits, test_targets)
     temperature, threshold, fitted, at_bound = 1.0, None, None, False
     if not len(val_targets):
         status = "no_validation_labels"
