@@ -30,8 +30,8 @@ import structlog
 from celery import Celery
 from pydantic import ValidationError
 
-from shelfsight.shared.celery_app import BACKFILL_TASK, EXTRACT_TASK, create_celery_app
-from shelfsight.shared.enqueue import ENQUEUED_AT_HEADER
+from shelfsight.shared.celery_app import BACKFILL_TASK, create_celery_app
+from shelfsight.shared.enqueue import enqueue_event
 from shelfsight.shared.events import ResultRecord, UploadEvent, result_key
 from shelfsight.shared.registry import ModelRegistry
 from shelfsight.shared.settings import Settings
@@ -109,13 +109,6 @@ def plan_event(record: ResultRecord, target: str, *, stale_only: bool) -> Upload
         return None
     return UploadEvent(event_id=backfill_event_id(target, record.product_id), product_id=record.product_id,
                        category=record.category, image=record.image.uri, submitted_at=record.submitted_at)
-
-
-def send_backfill_event(app: Celery, settings: Settings, event: UploadEvent) -> str:
-    """Send one re-extraction (the extract task) to the backfill queue."""
-    app.send_task(EXTRACT_TASK, args=[event.model_dump(mode="json")], task_id=event.event_id,
-                  queue=settings.backfill_queue, headers={ENQUEUED_AT_HEADER: time.time()})
-    return event.event_id
 
 
 class TokenBucket:
@@ -225,7 +218,7 @@ class Backfill:
                 stats.current += 1
             else:
                 self.bucket.acquire()
-                stats.event_ids.append(send_backfill_event(self.app, self.settings, event))
+                stats.event_ids.append(enqueue_event(self.app, event, queue=self.settings.backfill_queue))
                 stats.enqueued += 1
             if progress is not None:
                 progress(stats)

@@ -18,11 +18,13 @@ from shelfsight.shared.events import UploadEvent
 ENQUEUED_AT_HEADER = "shelfsight_enqueued_at"
 
 
-def enqueue_event(app: Celery, event: UploadEvent) -> str:
-    """Send a validated event to the extract queue. The Celery task id is the event id."""
+def enqueue_event(app: Celery, event: UploadEvent, *, queue: str | None = None) -> str:
+    """Send a validated event to the extract queue (or `queue`, e.g. the backfill queue). The
+    Celery task id is the event id."""
     payload = event.model_dump(mode="json")
+    routing = {"queue": queue} if queue else {}
     app.send_task(EXTRACT_TASK, args=[payload], task_id=event.event_id,
-                  headers={ENQUEUED_AT_HEADER: time.time()})
+                  headers={ENQUEUED_AT_HEADER: time.time()}, **routing)
     return event.event_id
 
 
