@@ -24,7 +24,7 @@
 #
 # Writes into $OUT (default bench/out): bench.stdout (its last line is the result JSON),
 # bench.stderr (progress), result.json, throughput.json, worker.log, workers-N.log,
-# nvidia-smi.txt, versions.txt, pip.log, check.txt.
+# nvidia-smi.txt, versions.txt, pip.log, parity.txt (decode parity on the device), check.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -88,15 +88,22 @@ assert device != "cuda" or torch.cuda.is_available(), "no CUDA"
 print("torch", torch.__version__, torch.cuda.get_device_name() if device == "cuda" else "cpu", "shelfsight from", site)
 PY
 
+# Decode parity on this device: the nvJPEG batch path against the PIL path on real photos
+# (on CPU in a dry run). Runs the installed wheel's code, from the checkout's test file.
+parity=0
+timeout 180 "$PYTHON" -m pytest -q -p no:cacheprovider --rootdir=. tests/unit/test_training_decode_parity.py \
+  >"$OUT/parity.txt" 2>&1 || parity=$?
+tail -n 3 "$OUT/parity.txt" >&2
+
 if [ "$DRY" = 1 ]; then
   # tiny model and sizes: the path, not the speed
   ARGS=(--device "$DEVICE" --model shelfsight-tiny --weights none --batch-size 8 --dry-run --processes 1,2)
   LIMIT="${BENCH_TIMEOUT_S:-420}"
 else
   # ViT-B-32, fp16, random init (speed does not depend on the weights), batch 256; --quick keeps
-  # the bursts to 4096 images and naive to 512.
+  # the bursts to 4096 images and naive to 512; one in-process pair (the process counts are the point).
   ARGS=(--device "$DEVICE" --model ViT-B-32 --weights none --precision fp16 --batch-size 256 --quick
-        --processes 1,2,4,8 --s3-processes 4)
+        --processes 1,2,4,8 --s3-processes 4 --repeats 1)
   LIMIT="${BENCH_TIMEOUT_S:-420}"
 fi
 status=0
@@ -107,9 +114,9 @@ tail -n 1 "$OUT/bench.stdout" | tee "$OUT/result.json"
 [ "$status" = 0 ] || exit "$status"
 
 # The run is complete: every phase reported, nothing failed.
-"$PYTHON" - "$OUT/result.json" "$DRY" <<'PY' | tee "$OUT/check.txt"
+"$PYTHON" - "$OUT/result.json" "$DRY" "$DEVICE" "$parity" "$OUT/parity.txt" <<'PY' | tee "$OUT/check.txt"
 import json, sys
-result, dry = json.load(open(sys.argv[1])), sys.argv[2] == "1"
+result, dry, device, parity = json.load(open(sys.argv[1])), sys.argv[2] == "1", sys.argv[3], int(sys.argv[4])
 wanted = ["1", "2"] if dry else ["1", "2", "4", "8"]
 problems = []
 if sorted(result["e2e_by_processes"], key=int) != wanted:
@@ -124,6 +131,9 @@ for key in ("bare_img_s", "pipeline_img_s", "e2e_img_s", "naive_img_s", "plumbin
         problems.append(f"no {key}")
 if not dry and not result["resident_fp16_models"].get("models_resident"):
     problems.append("resident models not measured")
+parity_log = open(sys.argv[5]).read()
+if parity or (device == "cuda" and "4 passed" not in parity_log):  # cpu + cuda + the two framing tests
+    problems.append(f"decode parity test: exit {parity} (parity.txt)")
 print("gpu_check:", "OK" if not problems else "FAILED: " + "; ".join(problems))
 sys.exit(1 if problems else 0)
 PY

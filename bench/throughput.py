@@ -291,6 +291,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{'nvJPEG decode_batch' if gpu and pipe_settings.decode_on_gpu else 'PIL draft decode'})")
         service.close()
         m.pipeline_cuda_mb = round(torch.cuda.max_memory_allocated() / 2**20, 1) if gpu else None
+        # Early, so that a run cut short by its time limit still has it.
+        m.resident = resident_models(device, "ViT-B-32" if not gpu else args.model, model)
+        say(f"resident fp16 models: {m.resident}")
 
         # (c) end to end, burst then paced.
         meter = CpuMeter({"s3_server": svc.moto.pid, "redis_server": svc.redis.pid})
@@ -381,8 +384,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         m.load("bare_after_start")
         m.bare_after = bench_bare(model, args.batch_size, min_s, 3 if not gpu else 20)
         say(f"(a') bare again at the end: {m.bare_after:.1f} images/s (torch threads {default_threads})")
-        m.resident = resident_models(device, "ViT-B-32" if not gpu else args.model, model)
-        say(f"resident fp16 models: {m.resident}")
         models.stop()
 
     result = report(m, args, device, cores=cores, default_threads=default_threads, max_wait_ms=max_wait_ms,

@@ -24,6 +24,7 @@ ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 _OPENED_FORMATS = {*ALLOWED_FORMATS, "MPO"}  # a camera JPEG with a multi-picture index opens as MPO
 ALLOWED_FORMATS_TEXT = "JPEG, PNG, WebP, GIF, BMP or TIFF"
 DEFAULT_MAX_FRAMES = 100
+ORIENTATION_TAG = 0x0112  # EXIF Orientation
 
 # Formats named from their first bytes, only to say what was refused; none of their decoders runs.
 _REFUSED_MAGIC: tuple[tuple[bytes, str], ...] = (
@@ -157,6 +158,16 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, draft_size: in
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError,
             TypeError, ZeroDivisionError) as exc:
         raise Rejected("undecodable_image", f"cannot decode image: {type(exc).__name__}: {exc}") from exc
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag (1 = upright, 2-8 = mirrored and/or rotated), read from the header
+    alone; 1 when there is none or the EXIF block is broken (as `_upright` then leaves it)."""
+    try:
+        value = image.getexif().get(ORIENTATION_TAG, 1)
+    except Exception:  # noqa: BLE001 - corrupt EXIF
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
 def _upright(image: Image.Image) -> Image.Image:

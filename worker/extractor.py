@@ -32,7 +32,7 @@ from shelfsight.shared.events import (
     superseded_key,
 )
 from shelfsight.shared.image_sources import ImageSourcePolicy, ImageSourceRefused
-from shelfsight.shared.imaging import decode_image, open_header
+from shelfsight.shared.imaging import decode_image, exif_orientation, open_header
 from shelfsight.shared.model_factory import WeightsError
 from shelfsight.shared.settings import Settings
 from shelfsight.shared.storage import (
@@ -273,13 +273,19 @@ class ExtractionService:
 
     # --- stages ---------------------------------------------------------------------------
     def prepare(self, data: bytes, model: CategoryModel) -> Prepared:
-        """Check limits and decode; on CUDA, JPEGs go to nvJPEG in the batch instead."""
+        """Check limits and decode; on CUDA, upright JPEGs go to nvJPEG in the batch instead.
+
+        nvJPEG ignores EXIF orientation (torchvision applies it on CPU only), so a JPEG whose
+        EXIF says it is rotated or mirrored is decoded here with PIL, which turns it upright.
+        """
         if self._gpu_decode(model) and data[:3] == b"\xff\xd8\xff":
             with open_header(data, max_bytes=self.settings.max_image_bytes,  # no pixels decoded
                              max_pixels=self.settings.max_image_pixels,
                              max_frames=self.settings.max_image_frames) as header:
                 width, height = header.size
-            return Prepared(None, data, model.image_size, width, height)
+                upright = exif_orientation(header) == 1
+            if upright:
+                return Prepared(None, data, model.image_size, width, height)
         pixels, width, height = self._decode_within_budget(data, model)
         return Prepared(pixels, None, model.image_size, width, height)
 

@@ -416,3 +416,19 @@ def test_the_nvjpeg_path_applies_the_same_header_checks(service: ExtractionServi
     with pytest.raises(Rejected) as caught:
         service.prepare(b"\xff\xd8\xff" + b"\x00" * 64, model)
     assert caught.value.code == "undecodable_image"
+
+
+def test_the_nvjpeg_path_leaves_exif_rotated_jpegs_to_pil(service: ExtractionService,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """nvJPEG ignores EXIF orientation, so a JPEG tagged as rotated is decoded with PIL, upright:
+    a 96x80 photo tagged "rotate 90" arrives as 80x96 pixels, like on the CPU path."""
+    monkeypatch.setattr(service, "_gpu_decode", lambda model: True)
+    model = service.models.get("pans")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 clockwise to view
+    rotated = service.prepare(_jpeg(exif=exif.tobytes()), model)
+    assert rotated.jpeg is None and rotated.pixels is not None
+    assert (rotated.width, rotated.height) == (80, 96)
+    exif[0x0112] = 1
+    upright = service.prepare(_jpeg(exif=exif.tobytes()), model)
+    assert upright.pixels is None and upright.jpeg is not None

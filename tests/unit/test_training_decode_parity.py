@@ -1,5 +1,5 @@
-"""Train/serve parity of pixels: the GPU decode path (run here with device="cpu") against the PIL path,
-on real photos, and one framing (letterbox) for training, evaluation and serving."""
+"""Train/serve parity of pixels: the GPU decode path (on CPU, and with nvJPEG where CUDA is) against
+the PIL path, on real photos, and one framing (letterbox) for training, evaluation and serving."""
 
 from __future__ import annotations
 
@@ -47,13 +47,18 @@ def photos() -> dict[str, bytes]:
     }
 
 
-def test_gpu_decode_path_matches_the_pil_path_in_pixels_and_features(photos: dict[str, bytes]) -> None:
+# "cuda" runs nvJPEG itself: on a GPU machine (bench/gpu_check.sh runs this file there)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gpu_decode_path_matches_the_pil_path_in_pixels_and_features(photos: dict[str, bytes], device: str) -> None:
     # real ImageNet weights in the image tower: features that mean something
     bundle = create_clip("shelfsight-effnet-lite0", "imagenet-tower")
     std = torch.tensor(bundle.std).view(3, 1, 1)
     for name, data in photos.items():
         pil = bundle.preprocess(decode_image(data, draft_size=bundle.image_size, **LIMITS))  # CPU serving, training
-        gpu = decode_batch([data], bundle.image_size, bundle.mean, bundle.std, torch.device("cpu"))[0]
+        gpu = decode_batch([data], bundle.image_size, bundle.mean, bundle.std, torch.device(device))[0].cpu()
         assert gpu.shape == pil.shape == (3, bundle.image_size, bundle.image_size)
         difference = ((pil - gpu) * std).abs() * 255  # in 8-bit pixel levels
         assert float(difference.mean()) < 1.0, (name, float(difference.mean()))
