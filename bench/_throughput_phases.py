@@ -158,6 +158,39 @@ def no_draft_decode() -> Iterator[None]:
         extractor.decode_image = original
 
 
+_PRODUCER_APP: Any = None
+
+
+def _producer_init(settings: Any) -> None:
+    """In each producer process: one Celery app, as an upload pipeline's process has."""
+    global _PRODUCER_APP
+    from shelfsight.shared.celery_app import create_celery_app
+
+    _PRODUCER_APP = create_celery_app(settings)
+
+
+def _produce(events: list[tuple[str, str]]) -> int:
+    """Enqueue (product id, image) events through `enqueue_event`, as `_Burst.run` does inline."""
+    from shelfsight.shared.enqueue import enqueue_event
+    from shelfsight.shared.events import UploadEvent
+
+    for product_id, image in events:
+        enqueue_event(_PRODUCER_APP, UploadEvent(product_id=product_id, category=CATEGORY, image=image))
+    return len(events)
+
+
+def producer_pool(settings: Any, processes: int) -> Any:
+    """Spawned producer processes, started and warm before any timing: one Python producer sends
+    about 500 events/s, less than N worker processes on a 16-core GPU machine take."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_producer_init, initargs=(settings,))
+    list(pool.map(_produce, [[] for _ in range(processes)]))  # every process up
+    return pool
+
+
 class _Burst:
     """Enqueue events through a producer app and wait for their outcomes on the streams (shared by
     the in-process and the multi-process worker phases)."""
@@ -169,6 +202,7 @@ class _Burst:
     client: Any
     store: Any
     _seq: int = 0
+    producers: Any = None  # a producer_pool for bursts (None: this process enqueues)
 
     def _last_ids(self) -> dict[str, str]:
         ids = {}
@@ -193,16 +227,23 @@ class _Burst:
         self._seq += 1
         first_enqueue = datetime.now(UTC)
         t0 = time.perf_counter()
-        for i in range(n):
-            if rate:
-                delay = t0 + i / rate - time.perf_counter()
-                if delay > 0:
-                    time.sleep(delay)
-            if during is not None and i == during_after:
-                during()
-            pid = f"{tag}-{i:06d}"
-            product_ids.append(pid)
-            enqueue_event(self.app, UploadEvent(product_id=pid, category=CATEGORY, image=self.uris[i % len(self.uris)]))
+        if self.producers is not None and rate is None and during is None:
+            pairs = [(f"{tag}-{i:06d}", self.uris[i % len(self.uris)]) for i in range(n)]
+            product_ids = [pid for pid, _ in pairs]
+            sent = sum(self.producers.map(_produce, [pairs[k:k + 64] for k in range(0, n, 64)]))
+            assert sent == n, f"producers sent {sent} of {n}"
+        else:
+            for i in range(n):
+                if rate:
+                    delay = t0 + i / rate - time.perf_counter()
+                    if delay > 0:
+                        time.sleep(delay)
+                if during is not None and i == during_after:
+                    during()
+                pid = f"{tag}-{i:06d}"
+                product_ids.append(pid)
+                enqueue_event(self.app, UploadEvent(product_id=pid, category=CATEGORY,
+                                                    image=self.uris[i % len(self.uris)]))
         enqueued_s = time.perf_counter() - t0
         seen = {"result": 0, "dead": 0}
         deadline = time.monotonic() + timeout_s
@@ -306,9 +347,11 @@ class ProcessPhase(_Burst):
     """`shelfsight worker --processes N` as a real command (the supervisor and its N processes),
     on its own Redis db; the bench is only the producer. CPU is taken from the process tree."""
 
-    def __init__(self, settings: Any, processes: int, uris: list[str], label: str, log_path: Any) -> None:
+    def __init__(self, settings: Any, processes: int, uris: list[str], label: str, log_path: Any,
+                 producers: int = 0) -> None:
         self.settings = settings
         self.processes = processes
+        self.producer_processes = producers
         self.uris = uris
         self.label = label
         self.log_path = log_path
@@ -332,6 +375,8 @@ class ProcessPhase(_Burst):
 
         register_child(self.proc)
         started = time.perf_counter()
+        if self.producer_processes > 1:
+            self.producers = producer_pool(self.settings, self.producer_processes)
         self._wait_ready(timeout_s=300)
         say(f"{self.label}: {self.processes} worker process(es) consuming after {time.perf_counter() - started:.1f}s")
         self._seq = 0
@@ -393,6 +438,8 @@ class ProcessPhase(_Burst):
 
             cleanup_child(self.proc)
             self.client.close()
+            if self.producers is not None:
+                self.producers.shutdown()
 
 
 # --- the worker as it was before issue 12's plumbing changes (for the before/after tables) -----------

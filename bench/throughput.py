@@ -125,6 +125,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "the before/after plumbing table. s3 (the default): session 3's (kombu's Redis client "
                         "per command and separate in-flight LREM, full log redaction, strided normalize, one XADD per stream entry); "
                         "s2: session 2's (boto3 for S3, PIL resize, task-started events)")
+    p.add_argument("--producers", type=int, default=None,
+                   help="producer processes enqueueing the --processes bursts (CPU default 1: this process; GPU 4)")
     p.add_argument("--dry-run", action="store_true", help="every phase at tiny sizes (checks the script, not speed)")
     p.add_argument("--out", default=None, help="directory for logs/profile/result JSON (default bench/out or $OUT)")
     return p.parse_args(argv)
@@ -157,6 +159,7 @@ def fill_defaults(args: argparse.Namespace, gpu: bool, cores: int, default_threa
         args.processes = "1,2" if args.quick or args.dry_run else ("1,2,4,8" if gpu else "1,2,4")
     args.process_counts = [int(n) for n in str(args.processes).split(",") if n.strip()]
     args.s3_processes = args.s3_processes or (4 if gpu else 1)
+    args.producers = args.producers or (4 if gpu else 1)
 
 
 def route_worker_logs(out_dir: Path) -> IO[str]:
@@ -361,7 +364,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for index, n in enumerate(args.process_counts):
             # torch threads 0: the supervisor shares the cores out among the processes (on CPU)
             n_settings = settings_for(f"procs{n}", 5 + index, torch_threads=0)
-            with ProcessPhase(n_settings, n, uris, f"procs{n}", out_dir / f"workers-{n}.log") as workers:
+            with ProcessPhase(n_settings, n, uris, f"procs{n}", out_dir / f"workers-{n}.log",
+                              producers=args.producers) as workers:
                 workers.run(min(args.images, args.batch_size * n))  # every process has built its model
                 m.load(f"procs{n}_start")
                 cpu_before = workers.cpu_s()

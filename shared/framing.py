@@ -101,13 +101,15 @@ def jpeg_draft_factor(width: int, height: int, draft_size: int | None) -> int:
 
 
 def draft_like(image: torch.Tensor, draft_size: int | None) -> torch.Tensor:
-    """A full-size decoded JPEG [3, H, W] uint8 reduced as PIL's draft decode would (box average per
-    factor x factor block, which is what the DCT-domain downscale amounts to)."""
+    """A full-size decoded JPEG [3, H, W] (or a batch [B, 3, H, W] of one size) uint8 reduced as PIL's
+    draft decode would (box average per factor x factor block, which is what the DCT-domain
+    downscale amounts to)."""
     factor = jpeg_draft_factor(int(image.shape[-1]), int(image.shape[-2]), draft_size)
     if factor == 1:
         return image
-    pooled = torch.nn.functional.avg_pool2d(image.float()[None], factor, ceil_mode=True)[0]
-    return pooled.round_().clamp_(0, 255).to(torch.uint8)
+    batched = image.dim() == 4
+    pooled = torch.nn.functional.avg_pool2d(image.float() if batched else image.float()[None], factor, ceil_mode=True)
+    return (pooled if batched else pooled[0]).round_().clamp_(0, 255).to(torch.uint8)
 
 
 def preprocess_pil(image: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -123,7 +125,8 @@ def preprocess_pil(image: Image.Image, size: int, mean: Sequence[float], std: Se
 def preprocess_tensor(
     image: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float], draft_size: int | None = None
 ) -> torch.Tensor:
-    """uint8 [3, H, W] -> normalised float [3, size, size], as `eval_transform` on the same pixels.
+    """uint8 [3, H, W] -> normalised float [3, size, size], as `eval_transform` on the same pixels
+    (or a batch [B, 3, H, W] of one size -> [B, 3, size, size], the same per image).
 
     `draft_size`: the image is a full-size JPEG decode that the PIL path decodes with this draft
     size; it is first reduced the same way (`draft_like`), so both paths see the same pixels.

@@ -41,6 +41,11 @@ class Settings(BaseSettings):
         "connection fails a command after this long instead of hanging it."
     )
     broker_connect_timeout_s: float = Field(10.0, description="Redis connect timeout.")
+    redis_max_connections: int = Field(
+        64, ge=1, description="Connections per process for the streams, delivery bookkeeping and "
+        "model announcements (not the broker's own): threads beyond it wait for a free one, up to "
+        "the socket timeout."
+    )
     broker_health_check_interval_s: int = Field(
         25, description="Redis connections idle this long are PINGed before use (and TCP keepalive is on)."
     )

@@ -23,15 +23,24 @@ PUBLISH_ATTEMPTS = 3
 
 
 def redis_client(settings: Settings, url: str | None = None) -> redis.Redis:
-    """A Redis client for `url` (default: the broker) with the settings' timeouts and keepalive."""
-    return redis.Redis.from_url(
+    """A Redis client for `url` (default: the broker) with the settings' timeouts and keepalive.
+
+    Its pool is a blocking one of `redis_max_connections`: a thread that finds every connection
+    busy waits for one (up to the socket timeout) instead of failing. redis-py's default pool
+    raises MaxConnectionsError past 100 connections, which the extraction worker's 512 threads
+    on a GPU reached (the first H200 run: 2,492 stream and delivery writes refused).
+    """
+    pool = redis.BlockingConnectionPool.from_url(
         url or settings.broker_url,
+        max_connections=settings.redis_max_connections,
+        timeout=settings.broker_socket_timeout_s,
         socket_timeout=settings.broker_socket_timeout_s,
         socket_connect_timeout=settings.broker_connect_timeout_s,
         socket_keepalive=True,
         health_check_interval=settings.broker_health_check_interval_s,
         retry_on_timeout=False,  # a timed-out command is reported, never silently sent twice
     )
+    return redis.Redis(connection_pool=pool)
 
 
 class EventPublisher(Protocol):

@@ -107,3 +107,19 @@ def test_one_framing_letterbox_keeps_both_ends_of_a_wide_photo_in_training_and_s
     tensor = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
     served = framing.preprocess_tensor(tensor, bundle.image_size, bundle.mean, bundle.std)
     assert torch.allclose(served, bundle.preprocess(image), atol=2 / 255 / min(bundle.std))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_batch_is_preprocessed_by_size_group_exactly_as_image_by_image(photos: dict[str, bytes], device: str) -> None:
+    """decode_batch preprocesses same-size images as one tensor: the pixels must be those of one
+    image at a time, in the batch's order, for a batch of one size and a batch of mixed sizes."""
+    from shelfsight.worker.gpu_decode import decode_jpegs, preprocess_uint8
+
+    mean, std = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
+    mixed = list(photos.values())
+    mixed = [mixed[1], mixed[2], mixed[1], mixed[4], mixed[2], mixed[0]]  # sizes repeat, interleaved
+    for jpegs in (mixed, [mixed[1]] * 3):
+        alone = torch.stack([preprocess_uint8(image, 64, mean, std) for image in decode_jpegs(jpegs, torch.device(device))])
+        batched = decode_batch(jpegs, 64, mean, std, torch.device(device))
+        assert batched.shape == (len(jpegs), 3, 64, 64)
+        assert torch.allclose(batched, alone, atol=1e-5), float((batched - alone).abs().max())
