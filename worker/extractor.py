@@ -92,6 +92,7 @@ class Scored:
     probabilities: dict[str, list[float]]
     batch_size: int
     model_ms: float
+    uncertainty: float = 0.0  # clip_math.product_uncertainty: the review queue's order
 
 
 class ExtractionService:
@@ -257,7 +258,7 @@ class ExtractionService:
             "queue_ms": _ms(t3 - t2 - scored.model_ms / 1000), "model_ms": round(scored.model_ms, 2),
             "batch_size": scored.batch_size,
         }
-        status = self._write_result(record, event)
+        status = self._write_result(record, event, scored.uncertainty)
         metrics.observe_confidences(event.category, {a: r.confidence for a, r in record.attributes.items()},
                                     {a: r.needs_review for a, r in record.attributes.items()})
         metrics.STAGE_SECONDS.labels(stage="fetch").observe(t1 - t0)
@@ -358,11 +359,12 @@ class ExtractionService:
                 pixels = pixels.pin_memory()
         probabilities = model.score(pixels)
         rows = {name: probs.cpu().tolist() for name, probs in probabilities.items()}
+        uncertainty = clip_math.product_uncertainty(probabilities).cpu().tolist()  # once per batch
         elapsed_ms = (time.perf_counter() - started) * 1000
         metrics.BATCH_SIZE.observe(len(items))
         metrics.STAGE_SECONDS.labels(stage="model").observe(elapsed_ms / 1000)
         return [
-            Scored(model, {name: rows[name][i] for name in rows}, len(items), elapsed_ms)
+            Scored(model, {name: rows[name][i] for name in rows}, len(items), elapsed_ms, uncertainty[i])
             for i in range(len(items))
         ]
 
@@ -389,7 +391,7 @@ class ExtractionService:
         )
 
     # --- endings --------------------------------------------------------------------------
-    def _write_result(self, record: ResultRecord, event: UploadEvent) -> str:
+    def _write_result(self, record: ResultRecord, event: UploadEvent, uncertainty: float) -> str:
         """Idempotent write: identical content is not rewritten; an older event never overwrites a newer one.
 
         With conditional writes, a new product costs one PUT (If-None-Match); an existing file
@@ -438,7 +440,8 @@ class ExtractionService:
             "image_etag": record.image.etag, "status": "result",
         })]
         if record.needs_review:
-            entries.append((self.settings.review_stream, self._review_entry(record, f"s3://{self.settings.bucket}/{key}")))
+            entries.append((self.settings.review_stream,
+                            self._review_entry(record, f"s3://{self.settings.bucket}/{key}", uncertainty)))
         for (stream, _), published in zip(entries, publish_all_after_write(self.publisher, entries), strict=True):
             if published is None:
                 metrics.STREAM_PUBLISH_FAILURES.labels(
@@ -446,12 +449,10 @@ class ExtractionService:
         metrics.STAGE_SECONDS.labels(stage="write").observe(time.perf_counter() - t0)
         return "result"
 
-    def _review_entry(self, record: ResultRecord, result_uri: str) -> dict[str, Any]:
+    def _review_entry(self, record: ResultRecord, result_uri: str, uncertainty: float) -> dict[str, Any]:
         """The review stream entry of a durable result that needs review (published with the results
         entry: a notification after the write, never raised). A redelivered event publishes again:
-        consumers key on event_id."""
-        probabilities = {a: torch.tensor([list(r.scores.values())]) for a, r in record.attributes.items()}
-        uncertainty = float(clip_math.product_uncertainty(probabilities)[0])  # the review-queue order
+        consumers key on event_id. `uncertainty` was computed with the batch (`_score_batch`)."""
         return {
             "event_id": record.event_id, "product_id": record.product_id, "category": record.category,
             "image": record.image.uri, "result": result_uri, "model_version": record.model.version,

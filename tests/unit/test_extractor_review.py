@@ -124,7 +124,8 @@ def test_a_result_carries_needs_review_per_attribute_and_overall_and_goes_to_rev
                                     for k in ("value", "confidence", "needs_review", "scores")}
     expected = clip_math.product_uncertainty(
         {a: torch.tensor([list(r["scores"].values())]) for a, r in record["attributes"].items()})
-    assert float(review["uncertainty"]) == pytest.approx(float(expected[0]), abs=1e-4)
+    # computed with the batch from unrounded probabilities; the file's scores have 4 decimals
+    assert float(review["uncertainty"]) == pytest.approx(float(expected[0]), abs=2e-4)
     item = parse_entry("1-0", review)  # what `shelfsight review` reads back
     assert item.product_id == "sku-1" and item.result == review["result"] and set(item.attributes) == {"lid", "handle"}
 
