@@ -309,10 +309,12 @@ def terminated_by_signal() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    received: list[int] = []
 
     def stop(signum: int, _frame: object) -> None:
         for sig in previous:  # a second signal (e.g. from `timeout` and a shell) must not cut the teardown short
             signal.signal(sig, signal.SIG_IGN)
+        received.append(signum)
         raise SystemExit(128 + signum)
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
@@ -321,6 +323,11 @@ def terminated_by_signal() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    # The handler's SystemExit is lost when the signal lands while the main thread runs a
+    # finalizer (`__del__`, a weakref callback: Python prints "Exception ignored" and goes on).
+    # The block then ends normally; exit as the signal asked all the same.
+    if received:
+        raise SystemExit(128 + received[0])
 
 
 def start_stack(state_dir: Path, settings: Settings, *, worker: bool = True, trainer: bool = False,
