@@ -54,7 +54,7 @@ def main() -> None:
         event = {"event_id": "0" * 32, "product_id": "p", "category": "tops", "image": "s3://bucket/uploads/tops/p.jpg",
                  "submitted_at": "2026-11-27T12:00:00+00:00"}
         results: dict[bool, list[float]] = {False: [], True: []}
-        with start_worker(app, pool="threads", concurrency=args.concurrency, queues=[settings.extract_queue],
+        with start_worker(app, pool="threads", concurrency=args.concurrency, queues=[settings.extract_queue, settings.backfill_queue],
                           perform_ping_check=False, loglevel="WARNING"):
             for _ in range(args.repeats):
                 for baseline in ([False, True] if args.baseline else [False]):

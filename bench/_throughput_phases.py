@@ -306,7 +306,7 @@ class CeleryPhase(_Burst):
         self.client = redis.Redis.from_url(self.settings.broker_url)
         self.client.flushdb()
         # the extract queue only, as `shelfsight worker` consumes (the transport polls one queue at a time)
-        self._ctx = start_worker(self.app, pool="threads", concurrency=self.concurrency, queues=[self.settings.extract_queue],
+        self._ctx = start_worker(self.app, pool="threads", concurrency=self.concurrency, queues=[self.settings.extract_queue, self.settings.backfill_queue],
                                  perform_ping_check=False, shutdown_timeout=120, loglevel="WARNING")
         self._ctx.__enter__()
         self.service = runtime_of(self.app).service

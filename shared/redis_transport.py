@@ -28,6 +28,14 @@ when every queue is empty does the consumer block, on the first queue alone. A l
 taken the moment a thread is free; a re-extraction waits while live ones are queued, and at
 most one poll timeout (1 s) after arriving in an idle worker.
 
+Bursts: from the first queue, that script pops as many messages as the consumer has free
+prefetch slots (at most 64) and records each as unacked itself, exactly as kombu's QoS.append
+would, in the same atomic step. A burst then costs one round trip per batch instead of two per
+message (the pop, then the MULTI/EXEC that records it), and needs no in-flight list: no moment
+exists in which a popped message is recorded nowhere. The blocking pop of an idle consumer
+and pops from later queues (one at a time, so a live upload that arrives is taken next) keep
+the in-flight list.
+
 Selected by `shelfsight.shared.celery_app` for redis:// broker URLs.
 """
 
@@ -66,15 +74,52 @@ return moved
 """
 
 
-# Pop the first non-empty queue into its in-flight list. KEYS: queue1, inflight1, queue2, inflight2...;
-# ARGV: the queue names in the same order. Returns {queue name, message} or nil when all are empty.
+# Pop from the first non-empty queue. KEYS: unacked index, unacked hash, then queue1, inflight1,
+# queue2, inflight2...; ARGV: up to how many from the first queue, the time (the unacked index's
+# score), then the queue names in the same order. From the first queue, up to ARGV[1] messages
+# are popped and recorded as unacked here, as kombu's QoS.append records them ([message,
+# exchange, routing key] under the delivery tag), in one atomic step: no window in which a
+# consumer could die holding them unrecorded, and one round trip for a burst. From any later
+# queue, one message goes to the in-flight list (the client records it): a live upload that
+# arrives meanwhile is taken next. A message whose envelope cannot be read here goes to the
+# in-flight list too, alone, for the client's own path. Returns {queue name, recorded (1 or 0),
+# message...} or nil when every queue is empty.
 _POP_FIRST = """
-for i = 1, #ARGV do
-  local item = redis.call('RPOPLPUSH', KEYS[2 * i - 1], KEYS[2 * i])
-  if item then return {ARGV[i], item} end
+local want = tonumber(ARGV[1])
+for i = 1, (#KEYS - 2) / 2 do
+  local queue, inflight, name = KEYS[2 * i + 1], KEYS[2 * i + 2], ARGV[i + 2]
+  if i > 1 or want <= 1 then
+    local item = redis.call('RPOPLPUSH', queue, inflight)
+    if item then return {name, 0, item} end
+  else
+    local out = {name, 1}
+    while #out - 2 < want do
+      local item = redis.call('RPOP', queue)
+      if not item then break end
+      local ok, m = pcall(cjson.decode, item)
+      local props = ok and type(m) == 'table' and m['properties']
+      local tag = type(props) == 'table' and props['delivery_tag']
+      local info = type(props) == 'table' and props['delivery_info']
+      if type(tag) ~= 'string' or type(info) ~= 'table' then
+        if #out > 2 then
+          redis.call('RPUSH', queue, item)  -- back where it was; the next pop takes it alone
+          return out
+        end
+        redis.call('LPUSH', inflight, item)
+        return {name, 0, item}
+      end
+      redis.call('ZADD', KEYS[1], ARGV[2], tag)
+      redis.call('HSET', KEYS[2], tag, '[' .. item .. ',' .. cjson.encode(info['exchange'] or '') .. ','
+                 .. cjson.encode(info['routing_key'] or '') .. ']')
+      out[#out + 1] = item
+    end
+    if #out > 2 then return out end
+  end
 end
 return nil
 """
+RECORDED = ("recorded", b"")  # `Channel._recording` for a message the pop script already recorded
+POP_BATCH_MAX = 64  # most messages one pop takes from the first queue (also bounded by prefetch)
 
 
 class QoS(kombu_redis.QoS):
@@ -89,6 +134,9 @@ class QoS(kombu_redis.QoS):
             super().append(message, delivery_tag)
             return
         self.channel._recording = None
+        if popped is RECORDED:  # the pop script recorded it already, atomically with the pop
+            kombu_virtual.QoS.append(self, message, delivery_tag)
+            return
         inflight, item = popped
         delivery = message.delivery_info
         with self.pipe_or_acquire() as pipe:
@@ -153,13 +201,16 @@ class Channel(kombu_redis.Channel):
             self._keep_alive(queue)
         self._in_poll = self.client.connection
         self._brpop_sent_at = time.monotonic()  # type: ignore[assignment]
-        if len(queues) > 1 and not self._block_next:
-            # every queue in order, without blocking: the first message of the highest queue
+        if not self._block_next:
+            # every queue in order, without blocking: up to `want` messages of the highest queue
             self._popping_from = None
-            keys = [k for queue in queues for k in (self._q_for_pri(queue, 0), self._inflight_list(queue))]
-            self.client.connection.send_command("EVAL", _POP_FIRST, len(keys), *keys, *queues)
+            keys = [self.qos.unacked_index_key, self.qos.unacked_key,
+                    *[k for queue in queues for k in (self._q_for_pri(queue, 0), self._inflight_list(queue))]]
+            room = self.qos.can_consume_max_estimate()
+            want = POP_BATCH_MAX if room is None else max(1, min(room, POP_BATCH_MAX))
+            self.client.connection.send_command("EVAL", _POP_FIRST, len(keys), *keys, want, time.time(), *queues)
             return
-        # one queue, or all were empty a moment ago: block on the first (BRPOPLPUSH takes one source)
+        # all were empty a moment ago: block on the first (BRPOPLPUSH takes one source)
         self._block_next = False
         queue = queues[0]
         self._popping_from = queue
@@ -183,12 +234,16 @@ class Channel(kombu_redis.Channel):
                 self.client.connection.disconnect()
                 raise
             queue = self._popping_from
-            if queue is None:  # the ordered pop over several queues: {queue, message} or nothing
+            if queue is None:  # the ordered pop over several queues: {queue, recorded, message...} or nothing
                 if not item:
                     self._block_next = True
                     raise kombu_redis.Empty()
-                queue, item = bytes_to_str(item[0]), item[1]
+                queue, recorded, items = bytes_to_str(item[0]), int(item[1]), item[2:]
                 self._queue_cycle.rotate(queue)  # round robin takes turns; priority keeps its order
+                if recorded:
+                    self._deliver_recorded(queue, [loads(bytes_to_str(popped)) for popped in items])
+                    return True
+                item = items[0]
             elif not item:
                 raise kombu_redis.Empty()
             self._recording = (self._inflight_list(queue), item)  # QoS.append takes it off the list
@@ -201,6 +256,24 @@ class Channel(kombu_redis.Channel):
             self._recording = None
             self._in_poll = None  # type: ignore[assignment]
             self._flush_brpop_reauth()
+
+    def _deliver_recorded(self, queue: str, payloads: list[dict[str, Any]]) -> None:
+        """Deliver messages the pop script recorded as unacked. One delivered without QoS.append
+        (a no_ack consumer) is unrecorded at once; if a delivery raises, the messages not yet
+        delivered go back to the consuming end of their queue instead of waiting out the visibility
+        timeout."""
+        for index, payload in enumerate(payloads):
+            tag = payload["properties"]["delivery_tag"]
+            self._recording = RECORDED
+            try:
+                self.connection._deliver(payload, queue)
+            except BaseException:
+                for rest in reversed(payloads[index + 1:]):  # the next one is pushed last: popped first
+                    self.qos.restore_by_tag(rest["properties"]["delivery_tag"])  # to the consuming end
+                raise
+            if self._recording is RECORDED:  # no QoS.append: nobody will ack it
+                self._recording = None
+                self.qos._remove_from_indices(tag).execute()
 
     def _poll_error(self, type: str, **options: Any) -> None:
         if type == "LISTEN":

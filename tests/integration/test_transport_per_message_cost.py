@@ -54,3 +54,55 @@ def test_each_message_is_unacked_and_off_the_inflight_list_when_delivered(
     assert all(unacked and held == 0 for _, unacked, held in seen), seen  # recorded, and not in flight
     assert built["n"] <= 1, f"{built['n']} redis.Redis built for {MESSAGES - 1} messages"
     assert client.hlen("unacked") == 0 and client.llen(queue) == 0
+
+
+def test_a_burst_is_popped_and_recorded_in_batches_of_the_free_prefetch_slots(settings: Settings) -> None:
+    """With messages waiting, one pop takes as many as the consumer has room for and records them
+    as unacked in the same atomic step: each is unacked and never in flight when delivered, a
+    burst of 40 with prefetch 8 takes a handful of pops, and everything acked leaves nothing."""
+    url, queue = settings.broker_url, "burst"
+    exchange = Exchange(queue, "direct")
+    with Connection(url) as conn:
+        producer = conn.Producer()
+        for i in range(40):
+            producer.publish({"n": i}, exchange=exchange, routing_key=queue, serializer="json",
+                             declare=[Queue(queue, exchange, routing_key=queue)])
+    client = redis.Redis.from_url(url)
+    seen: list[tuple[int, bool, int, int]] = []
+    pops = {"n": 0}
+    with Connection(url, transport=CRASH_SAFE_REDIS_TRANSPORT) as conn:
+        channel = conn.default_channel
+        inflight = channel._inflight_list(queue)
+        original_start = channel._brpop_start
+
+        def counting_start(*args: object, **kwargs: object) -> None:
+            pops["n"] += 1
+            original_start(*args, **kwargs)  # type: ignore[arg-type]
+
+        channel._brpop_start = counting_start  # type: ignore[method-assign]
+        pending: list = []
+
+        def on_message(body: dict, message) -> None:  # type: ignore[no-untyped-def]
+            seen.append((body["n"], client.hexists("unacked", message.delivery_tag), client.llen(inflight),
+                         len(channel.qos._delivered)))
+            pending.append(message)
+            if len(pending) == 8:  # the consumer's slots are full: ack them, as threads finish
+                for held in pending:
+                    held.ack()
+                pending.clear()
+
+        consumer = conn.Consumer(Queue(queue, exchange, routing_key=queue), callbacks=[on_message],
+                                 accept=["json"])
+        consumer.qos(prefetch_count=8)
+        with consumer:
+            deadline = time.monotonic() + 30
+            while len(seen) < 40 and time.monotonic() < deadline:
+                conn.drain_events(timeout=5)
+        for held in pending:
+            held.ack()
+    assert sorted(n for n, _, _, _ in seen) == list(range(40))
+    assert [n for n, _, _, _ in seen] == list(range(40))  # in queue order
+    assert all(unacked and held == 0 for _, unacked, held, _ in seen), seen
+    assert max(slots for _, _, _, slots in seen) <= 8  # never more than the prefetch allows
+    assert pops["n"] <= 12, pops  # 40 messages, 8 per pop: not one pop per message
+    assert client.hlen("unacked") == 0 and client.zcard("unacked_index") == 0 and client.llen(queue) == 0
