@@ -42,6 +42,7 @@ Selected by `shelfsight.shared.celery_app` for redis:// broker URLs.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -123,7 +124,47 @@ POP_BATCH_MAX = 64  # most messages one pop takes from the first queue (also bou
 
 
 class QoS(kombu_redis.QoS):
-    """kombu's QoS; its restore sweep also recovers the in-flight lists of dead consumers."""
+    """kombu's QoS; its restore sweep also recovers the in-flight lists of dead consumers, and acks
+    made on the event loop's thread are written to Redis together, once per turn of the loop."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pending_acks: list[str] = []
+        self._ack_flush_failing = False
+
+    def ack(self, delivery_tag: str) -> None:
+        """On the event loop's thread (Celery's consumer, where its acks run): free the prefetch
+        slot now, and leave the unacked record for `flush_acks`, which the loop runs before it
+        next waits (Transport.register_with_event_loop). Elsewhere, kombu's ack as it is. A
+        process that dies before the flush leaves the records behind: the messages come back
+        after the visibility timeout, and the worker's delivery tracking acks them unprocessed."""
+        if not self.channel.defers_acks():
+            super().ack(delivery_tag)
+            return
+        kombu_virtual.QoS.ack(self, delivery_tag)
+        self._pending_acks.append(delivery_tag)
+
+    def flush_acks(self) -> None:
+        """Remove the deferred acks' unacked records in one round trip. On a Redis error they are
+        kept for the next try (logged once per outage), never raised into the event loop."""
+        tags = self._pending_acks
+        if not tags:
+            return
+        self._pending_acks = []
+        try:
+            with self.pipe_or_acquire() as pipe:
+                pipe.zrem(self.unacked_index_key, *tags).hdel(self.unacked_key, *tags).execute()
+        except Exception as exc:  # noqa: BLE001 - the broker is down: try again on the next turn
+            self._pending_acks[:0] = tags
+            if not self._ack_flush_failing:
+                kombu_redis.logger.warning("%d ack(s) not written yet, will retry: %r", len(tags), exc)
+            self._ack_flush_failing = True
+            return
+        self._ack_flush_failing = False
+
+    def restore_unacked(self, client: Any = None) -> None:
+        self.flush_acks()  # what was acked must not be restored with the rest
+        super().restore_unacked(client)
 
     def append(self, message: Any, delivery_tag: str) -> None:
         """Record the message as unacked, as kombu does, and in the same MULTI/EXEC take it off the
@@ -148,6 +189,7 @@ class QoS(kombu_redis.QoS):
         kombu_virtual.QoS.append(self, message, delivery_tag)
 
     def restore_visible(self, start: int = 0, num: int = 10, interval: int = 10) -> None:
+        self.flush_acks()
         super().restore_visible(start=start, num=num, interval=interval)
         self.channel.reap_inflight()
 
@@ -310,7 +352,14 @@ class Channel(kombu_redis.Channel):
             kombu_redis.logger.warning("Restored %d message(s) popped by consumers that died", moved)
         return moved
 
+    def defers_acks(self) -> bool:
+        """True on the thread of the event loop this channel's transport is registered with."""
+        loop = getattr(self.connection, "ack_loop", None)
+        return loop is not None and threading.get_ident() == getattr(loop, "_loop_thread", None)
+
     def close(self) -> None:
+        if not self.closed and self._qos is not None:
+            self._qos.flush_acks()
         # a clean close: our in-flight lists are empty (every pop was recorded); stop counting us
         if not self.closed:
             try:
@@ -326,3 +375,14 @@ class Transport(kombu_redis.Transport):
     """kombu's Redis transport with the crash-safe Channel above."""
 
     Channel = Channel
+    ack_loop: Any = None  # the event loop whose thread defers acks (QoS.ack)
+
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        super().register_with_event_loop(connection, loop)
+        self.ack_loop = loop
+        loop.on_tick.add(self.flush_acks)  # each turn, before the loop waits
+
+    def flush_acks(self) -> None:
+        for channel in list(getattr(self, "channels", None) or ()):
+            if channel._qos is not None:
+                channel._qos.flush_acks()

@@ -106,3 +106,42 @@ def test_a_burst_is_popped_and_recorded_in_batches_of_the_free_prefetch_slots(se
     assert max(slots for _, _, _, slots in seen) <= 8  # never more than the prefetch allows
     assert pops["n"] <= 12, pops  # 40 messages, 8 per pop: not one pop per message
     assert client.hlen("unacked") == 0 and client.zcard("unacked_index") == 0 and client.llen(queue) == 0
+
+
+def test_acks_on_the_event_loops_thread_are_written_together_and_flushed_on_close(settings: Settings) -> None:
+    """Celery's consumer acks on its event loop's thread: the prefetch slot frees at once, the
+    unacked records go in one round trip when the loop next turns (here: flush_acks by hand),
+    and a close writes what is pending. An ack from another thread is written at once."""
+    import threading
+    from types import SimpleNamespace
+
+    url, queue = settings.broker_url, "acks"
+    exchange = Exchange(queue, "direct")
+    with Connection(url) as conn:
+        for i in range(4):
+            conn.Producer().publish({"n": i}, exchange=exchange, routing_key=queue, serializer="json",
+                                    declare=[Queue(queue, exchange, routing_key=queue)])
+    client = redis.Redis.from_url(url)
+    held: list = []
+    with Connection(url, transport=CRASH_SAFE_REDIS_TRANSPORT) as conn:
+        conn.transport.ack_loop = SimpleNamespace(_loop_thread=threading.get_ident())  # this thread runs "the loop"
+        channel = conn.default_channel
+        with conn.Consumer(Queue(queue, exchange, routing_key=queue), callbacks=[lambda body, m: held.append(m)],
+                           accept=["json"]):
+            deadline = time.monotonic() + 10
+            while len(held) < 4 and time.monotonic() < deadline:
+                conn.drain_events(timeout=2)
+        assert client.hlen("unacked") == 4
+        held[0].ack()
+        held[1].ack()
+        assert client.hlen("unacked") == 4  # deferred...
+        assert len(channel.qos._delivered) - len(channel.qos._dirty) == 2  # ...but the slots are free
+        conn.transport.flush_acks()
+        assert client.hlen("unacked") == 2 and client.zcard("unacked_index") == 2
+        other = threading.Thread(target=held[2].ack)
+        other.start()
+        other.join()
+        assert client.hlen("unacked") == 1  # another thread: at once
+        held[3].ack()
+        assert client.hlen("unacked") == 1
+    assert client.hlen("unacked") == 0 and client.zcard("unacked_index") == 0  # the close wrote it
