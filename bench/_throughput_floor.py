@@ -5,9 +5,10 @@ worker's per-image plumbing (docs/performance.md, issue 12).
 A no-op task with the extract task's options (`ignore_result`, the `ExtractRequest` without
 `task-started`, any arguments) on an app from `create_celery_app` (threads pool, `acks_late`,
 the crash-safe Redis transport, task events on unless --no-events), `--concurrency` threads, a
-real redis-server. N messages with an upload event's size are enqueued; the CPU of the worker's
-threads (the consumer and the task threads; not the bench's main thread) is divided by N. With
---baseline, bursts alternate with session 3's transport and logging savings switched off.
+real redis-server, consuming the extract and backfill queues as the worker does. N messages with
+an upload event's size are enqueued; the CPU of the worker's threads (the consumer and the task
+threads; not the bench's main thread) is divided by N. With --baseline [s4|s3], bursts alternate
+with session 4's transport savings (the default) or session 3's and 4's switched off.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/_throughput_floor.py --baseline
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from _throughput_harness import CpuMeter, plumbing_by_component, say, services
-from _throughput_phases import plumbing_baseline_s3
+from _throughput_phases import plumbing_baseline_s3, plumbing_baseline_s4
 
 
 def main() -> None:
@@ -32,7 +33,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--no-events", action="store_true", help="worker_send_task_events off (all task events)")
-    p.add_argument("--baseline", action="store_true", help="interleave bursts with session 3's savings off")
+    p.add_argument("--baseline", nargs="?", const="s4", default=None, choices=("s3", "s4"),
+                   help="interleave bursts with session 4's (default) or session 3's and 4's savings off")
     args = p.parse_args()
     from celery.contrib.testing.worker import start_worker
 
@@ -58,7 +60,7 @@ def main() -> None:
                           perform_ping_check=False, loglevel="WARNING"):
             for _ in range(args.repeats):
                 for baseline in ([False, True] if args.baseline else [False]):
-                    with plumbing_baseline_s3(baseline, None):
+                    with (plumbing_baseline_s4 if args.baseline == "s4" else plumbing_baseline_s3)(baseline, None):
                         done["n"] = 0
                         for _ in range(50):  # warm: every thread started, clients built
                             noop.delay(event)

@@ -467,6 +467,24 @@ def plumbing_baseline(on: bool, service: Any) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def plumbing_baseline_s4(on: bool, service: Any) -> Iterator[None]:
+    """Switch off session 4's transport savings while the block runs: the pop that takes a burst
+    in batches and records what it pops, and the acks written once per turn of the event loop."""
+    if not on:
+        yield
+        return
+    from shelfsight.shared import redis_transport
+
+    saved = (redis_transport.POP_BATCH_MAX, redis_transport.Channel.defers_acks)
+    redis_transport.POP_BATCH_MAX = 1  # one message per pop, recorded by QoS.append
+    redis_transport.Channel.defers_acks = lambda self: False  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        redis_transport.POP_BATCH_MAX, redis_transport.Channel.defers_acks = saved  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
 def plumbing_baseline_s3(on: bool, service: Any) -> Iterator[None]:
     """Switch off session 3's per-image savings (docs/performance.md) while the block runs: kombu's
     new redis.Redis per command and separate in-flight LREM in the transport, redaction's three
@@ -489,6 +507,8 @@ def plumbing_baseline_s3(on: bool, service: Any) -> Iterator[None]:
 
     saved = (redis_transport.Channel.conn_or_acquire, redis_transport.QoS.append, logs._MAYBE_SECRET,
              logs._secret_key, framing.preprocess_tensor, streams.RedisStreamPublisher.publish_many)
+    later = plumbing_baseline_s4(True, service)  # session 3 came before session 4's transport
+    later.__enter__()
     redis_transport.Channel.conn_or_acquire = kombu_redis.Channel.conn_or_acquire
     redis_transport.QoS.append = kombu_redis.QoS.append  # LREM after, as before
     logs._MAYBE_SECRET = re.compile("")  # matches everything: every substitution runs
@@ -500,6 +520,7 @@ def plumbing_baseline_s3(on: bool, service: Any) -> Iterator[None]:
     finally:
         (redis_transport.Channel.conn_or_acquire, redis_transport.QoS.append, logs._MAYBE_SECRET,
          logs._secret_key, framing.preprocess_tensor, streams.RedisStreamPublisher.publish_many) = saved
+        later.__exit__(None, None, None)
 
 
 # --- a new model version, promoted and announced as the trainer does (the hot swap) ------------------

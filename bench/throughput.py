@@ -82,6 +82,7 @@ from _throughput_phases import (
     percentile,
     plumbing_baseline,
     plumbing_baseline_s3,
+    plumbing_baseline_s4,
     publish_version,
     resident_models,
     upload_images,
@@ -120,11 +121,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--s3", choices=("standin", "moto"), default="standin",
                    help="S3 server on loopback: the bench's stand-in (bench/_s3_standin.py, keep-alive, light) or moto")
     p.add_argument("--s3-processes", type=int, default=None, help="stand-in processes (CPU default 1, GPU 4)")
-    p.add_argument("--plumbing-baseline", nargs="?", const="s3", default=None, choices=("s2", "s3"),
+    p.add_argument("--plumbing-baseline", nargs="?", const="s4", default=None, choices=("s2", "s3", "s4"),
                    help="also run the in-process bursts with a change set's per-image savings off, interleaved: "
-                        "the before/after plumbing table. s3 (the default): session 3's (kombu's Redis client "
-                        "per command and separate in-flight LREM, full log redaction, strided normalize, one XADD per stream entry); "
-                        "s2: session 2's (boto3 for S3, PIL resize, task-started events)")
+                        "the before/after plumbing table. s4 (the default): session 4's transport (one message per "
+                        "pop, recorded by a second round trip; one ack round trip each); s3: session 3's and s4's "
+                        "(kombu's Redis client per command and separate in-flight LREM, full log redaction, strided "
+                        "normalize, one XADD per stream entry); s2: session 2's (boto3 for S3, PIL resize, "
+                        "task-started events)")
     p.add_argument("--producers", type=int, default=None,
                    help="producer processes enqueueing the --processes bursts (CPU default 1: this process; GPU 4)")
     p.add_argument("--dry-run", action="store_true", help="every phase at tiny sizes (checks the script, not speed)")
@@ -301,7 +304,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # (c) end to end, burst then paced.
         meter = CpuMeter({"s3_server": svc.moto.pid, "redis_server": svc.redis.pid})
         variants = [("e2e", False)] + ([("e2e-baseline", True)] if args.plumbing_baseline else [])
-        baseline_off = plumbing_baseline_s3 if args.plumbing_baseline == "s3" else plumbing_baseline
+        baseline_off = {"s4": plumbing_baseline_s4, "s3": plumbing_baseline_s3}.get(args.plumbing_baseline or "",
+                                                                                   plumbing_baseline)
         with CeleryPhase(settings_for("e2e", 2), args.concurrency, uris, "e2e") as phase:
             say(f"(c) e2e worker up: threads pool x{args.concurrency}; warming up with {args.batch_size} events")
             for _, baseline in variants:
