@@ -171,7 +171,10 @@ def exif_orientation(image: Image.Image) -> int:
 
 
 def _upright(image: Image.Image) -> Image.Image:
-    """Rotated per its EXIF orientation; a broken EXIF block leaves the image as stored."""
+    """Rotated per its EXIF orientation; a broken EXIF block leaves the image as stored. An
+    upright image is returned as it is (exif_transpose would copy every pixel of it)."""
+    if exif_orientation(image) == 1:
+        return image
     try:
         return ImageOps.exif_transpose(image) or image
     except Exception:  # noqa: BLE001 - corrupt EXIF is not worth losing the image over
