@@ -507,8 +507,6 @@ def plumbing_baseline_s3(on: bool, service: Any) -> Iterator[None]:
 
     saved = (redis_transport.Channel.conn_or_acquire, redis_transport.QoS.append, logs._MAYBE_SECRET,
              logs._secret_key, framing.preprocess_tensor, streams.RedisStreamPublisher.publish_many)
-    later = plumbing_baseline_s4(True, service)  # session 3 came before session 4's transport
-    later.__enter__()
     redis_transport.Channel.conn_or_acquire = kombu_redis.Channel.conn_or_acquire
     redis_transport.QoS.append = kombu_redis.QoS.append  # LREM after, as before
     logs._MAYBE_SECRET = re.compile("")  # matches everything: every substitution runs
@@ -516,11 +514,11 @@ def plumbing_baseline_s3(on: bool, service: Any) -> Iterator[None]:
     framing.preprocess_tensor = strided_preprocess
     setattr(streams.RedisStreamPublisher, "publish_many", None)  # noqa: B010 - publish_all_after_write: one XADD each
     try:
-        yield
+        with plumbing_baseline_s4(True, service):  # session 3 came before session 4's transport
+            yield
     finally:
         (redis_transport.Channel.conn_or_acquire, redis_transport.QoS.append, logs._MAYBE_SECRET,
          logs._secret_key, framing.preprocess_tensor, streams.RedisStreamPublisher.publish_many) = saved
-        later.__exit__(None, None, None)
 
 
 # --- a new model version, promoted and announced as the trainer does (the hot swap) ------------------

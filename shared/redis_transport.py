@@ -153,7 +153,9 @@ class QoS(kombu_redis.QoS):
         self._pending_acks = []
         try:
             with self.pipe_or_acquire() as pipe:
-                pipe.zrem(self.unacked_index_key, *tags).hdel(self.unacked_key, *tags).execute()
+                for tag in tags:
+                    self._remove_from_indices(tag, pipe)  # what kombu's ack removes, all in one pipeline
+                pipe.execute()
         except Exception as exc:  # noqa: BLE001 - the broker is down: try again on the next turn
             self._pending_acks[:0] = tags
             if not self._ack_flush_failing:
@@ -208,7 +210,7 @@ class Channel(kombu_redis.Channel):
         self._alive_at: dict[str, float] = {}
         self._reaped_at = 0.0
         self._popping_from: str | None = None
-        self._block_next = False  # several queues: block only after a pop found them all empty
+        self._block_next = False  # block only after a non-blocking pop found every queue empty
         self._recording: tuple[str, bytes] | None = None  # (in-flight list, item) while it is delivered
         self._sync_client: Any = None
 
@@ -276,7 +278,7 @@ class Channel(kombu_redis.Channel):
                 self.client.connection.disconnect()
                 raise
             queue = self._popping_from
-            if queue is None:  # the ordered pop over several queues: {queue, recorded, message...} or nothing
+            if queue is None:  # the non-blocking ordered pop: {queue, recorded, message...} or nothing
                 if not item:
                     self._block_next = True
                     raise kombu_redis.Empty()

@@ -92,7 +92,7 @@ class Scored:
     probabilities: dict[str, list[float]]
     batch_size: int
     model_ms: float
-    uncertainty: float = 0.0  # clip_math.product_uncertainty: the review queue's order
+    uncertainty: float  # clip_math.product_uncertainty: the review queue's order
 
 
 class ExtractionService:
