@@ -142,20 +142,22 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 @contextlib.contextmanager
 def no_draft_decode() -> Iterator[None]:
-    """The naive worker: PIL decodes the full-size image (no DCT-domain downscale)."""
+    """The naive worker: PIL decodes the full-size image (no DCT-domain downscale, no simplejpeg)."""
+    import numpy as np
+
     import shelfsight.worker.extractor as extractor
+    from shelfsight.shared import imaging
 
-    original = extractor.decode_image
+    original = extractor.decode_rgb
 
-    def full_decode(data: bytes, **kwargs: Any) -> Any:
-        kwargs["draft_size"] = None
-        return original(data, **kwargs)
+    def full_decode(data: bytes, header: Any, *, max_pixels: int, draft_size: int | None = None) -> Any:
+        return np.asarray(imaging._decode_opened(header, None, max_pixels))
 
-    extractor.decode_image = full_decode
+    extractor.decode_rgb = full_decode
     try:
         yield
     finally:
-        extractor.decode_image = original
+        extractor.decode_rgb = original
 
 
 _PRODUCER_APP: Any = None
@@ -467,9 +469,96 @@ def plumbing_baseline(on: bool, service: Any) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def plumbing_baseline_s5(on: bool, service: Any) -> Iterator[None]:
+    """Switch off session 5's per-image savings while the block runs: Pillow decodes every JPEG
+    (reopening the header, as decode_image does), float ops and TF.normalize after the resize, and
+    urllib3's pool for the light S3 client's requests."""
+    if not on:
+        yield
+        return
+    import numpy as np
+    import torchvision.transforms.v2.functional as TF
+
+    import shelfsight.worker.extractor as extractor
+    from shelfsight.shared import framing, imaging
+
+    def pil_decode(data: bytes, header: Any, *, max_pixels: int, draft_size: int | None = None) -> Any:
+        limits = service.settings
+        return np.asarray(imaging.decode_image(data, max_bytes=limits.max_image_bytes, max_pixels=max_pixels,
+                                               draft_size=draft_size, max_frames=limits.max_image_frames))
+
+    def session4_preprocess(image: Any, size: int, mean: Any, std: Any, draft_size: int | None = None) -> Any:
+        square = framing.letterbox_tensor(framing.draft_like(image, draft_size))
+        resized = TF.resize(square, [size, size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+        return TF.normalize(resized.contiguous().float().div_(255.0).clamp_(0.0, 1.0), list(mean), list(std))
+
+    saved = (extractor.decode_rgb, framing.preprocess_tensor, service.store)
+    extractor.decode_rgb = pil_decode
+    framing.preprocess_tensor = session4_preprocess
+    service.store = _Urllib3LightStore(service.settings, fallback=getattr(service.store, "fallback", None))
+    try:
+        yield
+    finally:
+        extractor.decode_rgb, framing.preprocess_tensor, service.store = saved
+
+
+class _Urllib3LightStore:
+    """Session 4's light S3 client transport, for the baseline: the same signed requests through a
+    urllib3 PoolManager (one pool for all threads, a response object per request)."""
+
+    def __init__(self, settings: Any, fallback: Any) -> None:
+        import urllib3
+
+        from shelfsight.worker.s3_light import LightS3ObjectStore
+
+        self._light = LightS3ObjectStore(settings, fallback=fallback)
+        self._pool = urllib3.PoolManager(num_pools=4, maxsize=max(settings.s3_max_pool_connections,
+                                                                    settings.effective_concurrency() + 4),
+                                         block=False, retries=False,
+                                         timeout=urllib3.Timeout(connect=settings.s3_connect_timeout_s,
+                                                                 read=settings.s3_read_timeout_s))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._light, name)
+
+    def _send(self, method: str, bucket: str, key: str, headers: dict[str, str], body: bytes) -> Any:
+        import hashlib
+        from datetime import UTC, datetime
+
+        from shelfsight.worker.s3_light import object_path
+
+        light = self._light
+        path = object_path(light._base_path, bucket, key)
+        creds = light._credentials.get_frozen_credentials()
+        signed = light._signer.sign(method, light._host, path, headers, hashlib.sha256(body).hexdigest(),
+                                    creds.access_key, creds.secret_key, creds.token, datetime.now(UTC))
+        response = self._pool.request(method, f"{light._scheme}://{light._host}{path}", body=body or None,
+                                      headers=signed, redirect=False)
+        if response.status >= 300:  # the bench's requests all succeed; anything else: the real client
+            raise RuntimeError(f"baseline S3 {method} {key}: {response.status}")
+        return response
+
+    def get(self, bucket: str, key: str, max_bytes: int | None = None) -> Any:
+        from shelfsight.shared.storage import StoredObject
+
+        response = self._send("GET", bucket, key, {}, b"")
+        return StoredObject(body=response.data, etag=str(response.headers.get("ETag", "")).strip('"'))
+
+    def put(self, bucket: str, key: str, body: bytes, content_type: str = "application/json", *,
+            if_none_match: bool = False, if_match: str | None = None) -> str:
+        headers = {"Content-Type": content_type, "Content-Length": str(len(body))}
+        if if_none_match:
+            headers["If-None-Match"] = "*"
+        if if_match:
+            headers["If-Match"] = f'"{if_match}"'
+        return str(self._send("PUT", bucket, key, headers, body).headers.get("ETag", "")).strip('"')
+
+
+@contextlib.contextmanager
 def plumbing_baseline_s4(on: bool, service: Any) -> Iterator[None]:
     """Switch off session 4's transport savings while the block runs: the pop that takes a burst
-    in batches and records what it pops, and the acks written once per turn of the event loop."""
+    in batches and records what it pops, and the acks written once per turn of the event loop (and
+    session 5's, which came after)."""
     if not on:
         yield
         return
@@ -479,7 +568,8 @@ def plumbing_baseline_s4(on: bool, service: Any) -> Iterator[None]:
     redis_transport.POP_BATCH_MAX = 1  # one message per pop, recorded by QoS.append
     redis_transport.Channel.defers_acks = lambda self: False  # type: ignore[method-assign]
     try:
-        yield
+        with plumbing_baseline_s5(True, service):  # session 4 came before session 5's changes
+            yield
     finally:
         redis_transport.POP_BATCH_MAX, redis_transport.Channel.defers_acks = saved  # type: ignore[method-assign]
 

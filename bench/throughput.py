@@ -83,6 +83,7 @@ from _throughput_phases import (
     plumbing_baseline,
     plumbing_baseline_s3,
     plumbing_baseline_s4,
+    plumbing_baseline_s5,
     publish_version,
     resident_models,
     upload_images,
@@ -121,10 +122,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--s3", choices=("standin", "moto"), default="standin",
                    help="S3 server on loopback: the bench's stand-in (bench/_s3_standin.py, keep-alive, light) or moto")
     p.add_argument("--s3-processes", type=int, default=None, help="stand-in processes (CPU default 1, GPU 4)")
-    p.add_argument("--plumbing-baseline", nargs="?", const="s4", default=None, choices=("s2", "s3", "s4"),
+    p.add_argument("--plumbing-baseline", nargs="?", const="s5", default=None, choices=("s2", "s3", "s4", "s5"),
                    help="also run the in-process bursts with a change set's per-image savings off, interleaved: "
-                        "the before/after plumbing table. s4 (the default): session 4's transport (one message per "
-                        "pop, recorded by a second round trip; one ack round trip each); s3: session 3's and s4's "
+                        "the before/after plumbing table. s5 (the default): session 5's (Pillow for every JPEG "
+                        "decode, TF.normalize, urllib3 for the light S3 client); s4: session 4's transport (one "
+                        "message per pop, recorded by a second round trip; one ack round trip each) and s5's; "
+                        "s3: session 3's, s4's and s5's "
                         "(kombu's Redis client per command and separate in-flight LREM, full log redaction, strided "
                         "normalize, one XADD per stream entry); s2: session 2's (boto3 for S3, PIL resize, "
                         "task-started events)")
@@ -304,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # (c) end to end, burst then paced.
         meter = CpuMeter({"s3_server": svc.moto.pid, "redis_server": svc.redis.pid})
         variants = [("e2e", False)] + ([("e2e-baseline", True)] if args.plumbing_baseline else [])
-        baseline_off = {"s4": plumbing_baseline_s4, "s3": plumbing_baseline_s3}.get(args.plumbing_baseline or "",
+        baseline_off = {"s5": plumbing_baseline_s5, "s4": plumbing_baseline_s4, "s3": plumbing_baseline_s3}.get(args.plumbing_baseline or "",
                                                                                    plumbing_baseline)
         with CeleryPhase(settings_for("e2e", 2), args.concurrency, uris, "e2e") as phase:
             say(f"(c) e2e worker up: threads pool x{args.concurrency}; warming up with {args.batch_size} events")

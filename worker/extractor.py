@@ -32,7 +32,7 @@ from shelfsight.shared.events import (
     superseded_key,
 )
 from shelfsight.shared.image_sources import ImageSourcePolicy, ImageSourceRefused
-from shelfsight.shared.imaging import decode_image, exif_orientation, open_header
+from shelfsight.shared.imaging import decode_rgb, exif_orientation, open_header, upright_size
 from shelfsight.shared.model_factory import WeightsError
 from shelfsight.shared.settings import Settings
 from shelfsight.shared.storage import (
@@ -301,12 +301,13 @@ class ExtractionService:
                   "max_frames": self.settings.max_image_frames}
         with open_header(data, **limits) as header:
             estimate = decoded_bytes_estimate(*header.size, header.mode, header.format, model.image_size)
-        with self.decode_budget.reserve(estimate) as waited:
-            metrics.DECODE_WAIT_SECONDS.observe(waited)
-            image = decode_image(data, draft_size=model.image_size, **limits)
-            width, height = image.size
-            # the tensor path (as nvJPEG batches take): a third of eval_transform's CPU, same pixels ±1 level
-            return framing.preprocess_pil(image, model.image_size, model.mean, model.std), width, height
+            width, height = upright_size(header)  # full size, as the GPU path reports it
+            with self.decode_budget.reserve(estimate) as waited:
+                metrics.DECODE_WAIT_SECONDS.observe(waited)
+                rgb = decode_rgb(data, header, max_pixels=self.settings.max_image_pixels,
+                                 draft_size=model.image_size)
+                # the tensor path (as nvJPEG batches take): a third of eval_transform's CPU, same pixels ±1 level
+                return framing.preprocess_array(rgb, model.image_size, model.mean, model.std), width, height
 
     def _cpu_pixels(self, prepared: Prepared, model: CategoryModel) -> torch.Tensor:
         """Pixels of an image that was passed on as JPEG bytes, decoded with PIL (the fallback)."""

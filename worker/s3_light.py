@@ -3,9 +3,11 @@
 boto3 costs about 2.2 ms of CPU per request here (event hooks, endpoint rules, serializers,
 parsers, retry handlers), twice per image: more than half of the worker's plumbing per image
 (docs/performance.md). `LightS3ObjectStore` sends those two requests itself: SigV4 signed by
-hand (the signing key is derived once per day), over one urllib3 connection pool, with the
-same error vocabulary (`shelfsight.shared.storage`), the same retry budget and timeouts as the
-boto3 client. Everything else (exists, list, delete, buckets) goes to the boto3 store it wraps.
+hand (the signing key is derived once per day), each task thread over its own keep-alive
+`http.client` connection (half urllib3's CPU per request: no pool, no retry object, no
+response wrapper), with the same error vocabulary (`shelfsight.shared.storage`), the same
+retry budget and timeouts as the boto3 client. Everything else (exists, list, delete,
+buckets) goes to the boto3 store it wraps.
 
 What it takes from boto3, so that both agree: the credentials (the default chain, refreshed
 when they are temporary: instance roles, web identity, SSO), the resolved endpoint URL and
@@ -19,18 +21,22 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import http.client
 import os
 import random
 import re
+import select
+import socket
+import ssl
+import threading
 import time
 import urllib.request
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 from urllib.parse import quote, urlsplit
 
 import boto3
 import structlog
-import urllib3
 from botocore.config import Config
 from botocore.exceptions import ClientError, NoCredentialsError
 from botocore.httpsession import get_cert_path
@@ -142,11 +148,28 @@ def proxy_applies(url: str) -> bool:
     return not urllib.request.proxy_bypass(parts.hostname or "")
 
 
-class LightS3ObjectStore:
-    """ObjectStore whose get/put are signed urllib3 requests; the rest is the wrapped boto3 store.
+def _readable(sock: socket.socket) -> bool:
+    """True if the socket has something to read right now (on an idle keep-alive connection: the
+    server's close, or bytes nobody asked for; either way it is not reused)."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
 
-    Thread-safe: one urllib3 pool (`s3_max_pool_connections` connections per host, or one per task
-    thread if that is more), one signer.
+
+@dataclass
+class _Response:
+    """What the light path keeps of an S3 response: the status, the two headers it reads, the body."""
+
+    status: int
+    etag: str
+    body: bytes
+
+
+class LightS3ObjectStore:
+    """ObjectStore whose get/put are signed `http.client` requests; the rest is the wrapped boto3 store.
+
+    Thread-safe: each thread has its own keep-alive connection (a task thread has at most one
+    request in flight), opened on first use and replaced after any error; one signer.
     """
 
     def __init__(self, settings: Settings, fallback: S3ObjectStore | None = None) -> None:
@@ -165,19 +188,14 @@ class LightS3ObjectStore:
         self.endpoint = client.meta.endpoint_url
         parts = urlsplit(self.endpoint)
         self._scheme, self._base_path, self._host = parts.scheme, parts.path, host_header(self.endpoint)
+        self._hostname = parts.hostname or ""
+        self._port = parts.port or (443 if self._scheme == "https" else 80)
         self._signer = SigV4Signer(client.meta.region_name or settings.s3_region)
         self._attempts = max(1, settings.s3_retries)
-        cert_kwargs: dict[str, Any] = {}
+        self._tls: ssl.SSLContext | None = None
         if self._scheme == "https":  # the CA bundle botocore uses: AWS_CA_BUNDLE, else its default
-            cert_kwargs = {"cert_reqs": "CERT_REQUIRED",
-                           "ca_certs": get_cert_path(os.environ.get("AWS_CA_BUNDLE") or True)}
-        # each task thread has at most one request in flight: room for all of them, none discarded
-        pool_size = max(settings.s3_max_pool_connections, settings.effective_concurrency() + 4)
-        self._pool = urllib3.PoolManager(
-            num_pools=4, maxsize=pool_size, block=False, retries=False,
-            timeout=urllib3.Timeout(connect=settings.s3_connect_timeout_s, read=settings.s3_read_timeout_s),
-            **cert_kwargs,
-        )
+            self._tls = ssl.create_default_context(cafile=get_cert_path(os.environ.get("AWS_CA_BUNDLE") or True))
+        self._local = threading.local()
         self.light = settings.s3_light_client and not proxy_applies(self.endpoint)
         if settings.s3_light_client and not self.light:
             log.info("s3.light_client_off", reason="a proxy applies to the endpoint", endpoint=self.endpoint)
@@ -188,26 +206,11 @@ class LightS3ObjectStore:
             return self.fallback.get(bucket, key, max_bytes)
         path = object_path(self._base_path, bucket, key)
         try:
-            response = self._request("GET", path, {}, b"", EMPTY_SHA256, bucket, key, preload=False)
+            response = self._request("GET", path, {}, b"", EMPTY_SHA256, bucket, key, max_bytes=max_bytes)
         except _Unusual as unusual:
             log.warning("s3.light_client_deferred", request="GET", reason=str(unusual))
             return self.fallback.get(bucket, key, max_bytes)
-        try:
-            length = int(response.headers.get("Content-Length", "0") or 0)
-            if max_bytes is not None and length > max_bytes:
-                raise ObjectTooLarge(f"s3://{bucket}/{key} is {length} bytes; the limit is {max_bytes}")
-            try:
-                data = response.read() if max_bytes is None else response.read(max_bytes + 1)
-            except (urllib3.exceptions.HTTPError, OSError) as exc:  # body cut short: retried by the caller
-                raise TransientStorageError(f"s3://{bucket}/{key}: {type(exc).__name__}") from exc
-            if max_bytes is not None and len(data) > max_bytes:
-                raise ObjectTooLarge(f"s3://{bucket}/{key} exceeds {max_bytes} bytes")
-            return StoredObject(body=data, etag=str(response.headers.get("ETag", "")).strip('"'))
-        except BaseException:
-            response.close()  # a body left unread must not reach the next request on this connection
-            raise
-        finally:
-            response.release_conn()
+        return StoredObject(body=response.body, etag=response.etag)
 
     def put(
         self, bucket: str, key: str, body: bytes, content_type: str = "application/json",
@@ -227,7 +230,7 @@ class LightS3ObjectStore:
             log.warning("s3.light_client_deferred", request="PUT", reason=str(unusual))
             return self.fallback.put(bucket, key, body, content_type, if_none_match=if_none_match,
                                      if_match=if_match)
-        return str(response.headers.get("ETag", "")).strip('"')
+        return response.etag
 
     # --- everything else: boto3 -------------------------------------------------------------
     def exists(self, bucket: str, key: str) -> bool:
@@ -242,16 +245,19 @@ class LightS3ObjectStore:
     def ensure_bucket(self, bucket: str) -> None:
         self.fallback.ensure_bucket(bucket)
 
+    def close(self) -> None:
+        """Close this thread's connection (the others close with their threads' garbage)."""
+        self._drop_connection()
+
     # --- one request, with botocore's retry budget ------------------------------------------
     def _request(self, method: str, path: str, headers: dict[str, str], body: bytes, payload_sha256: str,
-                 bucket: str, key: str, *, preload: bool = True) -> urllib3.BaseHTTPResponse:
+                 bucket: str, key: str, *, max_bytes: int | None = None) -> _Response:
         """Send, retrying transient failures (5xx, throttling, timeouts, resets) up to
         `s3_retries` attempts in all, with full-jitter exponential backoff; anything else is
         raised at once as the storage error boto3's store would raise."""
-        url = f"{self._scheme}://{self._host}{path}"
         for attempt in range(1, self._attempts + 1):
             try:
-                return self._send_once(method, url, path, headers, body, payload_sha256, bucket, key, preload)
+                return self._send_once(method, path, headers, body, payload_sha256, bucket, key, max_bytes)
             except AccessDenied:
                 raise
             except TransientStorageError:
@@ -260,28 +266,49 @@ class LightS3ObjectStore:
                 time.sleep(random.uniform(0, min(_RETRY_CAP_S, 2 ** (attempt - 1))))  # noqa: S311 - jitter
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _send_once(self, method: str, url: str, path: str, headers: dict[str, str], body: bytes,
-                   payload_sha256: str, bucket: str, key: str, preload: bool) -> urllib3.BaseHTTPResponse:
+    def _connection(self) -> http.client.HTTPConnection:
+        """This thread's connection; a new one if it has none, or if the server closed it while it
+        was idle (readable with nothing asked: its end of the connection, as urllib3 checks)."""
+        conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
+        if conn is not None and conn.sock is not None and not _readable(conn.sock):
+            return conn
+        self._drop_connection()
+        timeout = self.settings.s3_connect_timeout_s
+        if self._tls is not None:
+            conn = http.client.HTTPSConnection(self._hostname, self._port, timeout=timeout, context=self._tls)
+        else:
+            conn = http.client.HTTPConnection(self._hostname, self._port, timeout=timeout)
+        conn.connect()  # within the connect timeout; then every read waits at most the read timeout
+        if conn.sock is not None:
+            conn.sock.settimeout(self.settings.s3_read_timeout_s)
+        self._local.conn = conn
+        return conn
+
+    def _drop_connection(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        self._local.conn = None
+        if conn is not None:
+            conn.close()
+
+    def _send_once(self, method: str, path: str, headers: dict[str, str], body: bytes, payload_sha256: str,
+                   bucket: str, key: str, max_bytes: int | None) -> _Response:
         credentials = self._credentials.get_frozen_credentials() if self._credentials is not None else None
         if credentials is None or not credentials.access_key:
             raise StorageError(f"s3://{bucket}/{key}: {NoCredentialsError()}")
         signed = self._signer.sign(method, self._host, path, headers, payload_sha256, credentials.access_key,
                                    credentials.secret_key, credentials.token, datetime.now(UTC))
+        signed["Host"] = self._host  # what was signed, as sent
         try:
-            response = self._pool.request(method, url, body=body or None, headers=signed,
-                                          preload_content=preload, redirect=False)
-        except (urllib3.exceptions.HTTPError, OSError) as exc:  # connect/read timeout, reset, refused
+            response = self._exchange(method, path, signed, body)
+            if response.status < 300:
+                return self._read_success(response, bucket, key, max_bytes)
+            data = response.read(64 * 1024)  # S3 error bodies are small
+        except (http.client.HTTPException, OSError) as exc:  # connect/read timeout, reset, refused, cut short
+            self._drop_connection()
             raise TransientStorageError(f"s3://{bucket}/{key}: {type(exc).__name__}") from exc
-        if response.status < 300:
-            return response
-        try:
-            data = response.data if preload else response.read(64 * 1024)
-        except (urllib3.exceptions.HTTPError, OSError):
-            data = b""
         finally:
-            if not preload:
-                response.close()  # the rest of an error body, if any, is not read: not reused
-                response.release_conn()
+            if not self._reusable(getattr(self._local, "response", None)):
+                self._drop_connection()  # a body left unread, or the server closes: never reused
         match = _ERROR_CODE.search(data or b"")
         code = match.group(1).decode("ascii", "replace") if match else ""
         if 300 <= response.status < 400 or (response.status == 400 and code not in _RETRIED_400):
@@ -293,6 +320,31 @@ class LightS3ObjectStore:
         if code in _RETRIED_400 or response.status == 429:
             translated = TransientStorageError(f"s3://{bucket}/{key}: {code or response.status}")
         raise translated from error
+
+    def _exchange(self, method: str, path: str, headers: dict[str, str], body: bytes) -> http.client.HTTPResponse:
+        """One request and its status line and headers, on this thread's connection."""
+        self._local.response = None
+        conn = self._connection()
+        conn.request(method, path, body=body or None, headers=headers)
+        self._local.response = conn.getresponse()
+        return self._local.response
+
+    def _read_success(self, response: http.client.HTTPResponse, bucket: str, key: str,
+                      max_bytes: int | None) -> _Response:
+        etag = str(response.getheader("ETag", "")).strip('"')
+        length = int(response.getheader("Content-Length", "0") or 0)
+        if max_bytes is not None and length > max_bytes:  # the body is left unread: the connection goes
+            raise ObjectTooLarge(f"s3://{bucket}/{key} is {length} bytes; the limit is {max_bytes}")
+        data = response.read() if max_bytes is None else response.read(max_bytes + 1)
+        if max_bytes is not None and len(data) > max_bytes:
+            raise ObjectTooLarge(f"s3://{bucket}/{key} exceeds {max_bytes} bytes")
+        return _Response(response.status, etag, data)
+
+    @staticmethod
+    def _reusable(response: http.client.HTTPResponse | None) -> bool:
+        """The connection can carry the next request: the response was read to its end and the
+        server did not say it closes."""
+        return response is not None and response.isclosed() and not response.will_close
 
 
 def worker_object_store(settings: Settings) -> ObjectStore:

@@ -111,3 +111,44 @@ def test_the_bench_s3_standin_keeps_the_contract_for_both_clients(tmp_path) -> N
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=10)
+
+
+def test_a_connection_the_server_closed_while_idle_is_replaced_without_spending_a_retry() -> None:
+    """S3 closes idle keep-alive connections (after about 20 s); the next request on one must go out
+    on a new connection, not fail and wait out a backoff. The server here closes every connection
+    right after its response, without saying so, and the client has no retries to spend."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    closed = threading.Semaphore(0)
+    peers: list[int] = []
+
+    class Closing(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive unless told otherwise: nothing tells the client
+
+        def do_GET(self) -> None:
+            peers.append(self.client_address[1])
+            self.send_response(200)
+            self.send_header("Content-Length", "5")
+            self.send_header("ETag", '"e"')
+            self.end_headers()
+            self.wfile.write(b"image")
+            self.close_connection = True
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    class Server(ThreadingHTTPServer):
+        def shutdown_request(self, request) -> None:  # type: ignore[no-untyped-def]
+            super().shutdown_request(request)
+            closed.release()  # the server's end is closed: the client's socket now reads as closed
+
+    with Server(("127.0.0.1", 0), Closing) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        light = LightS3ObjectStore(Settings(s3_endpoint_url=f"http://127.0.0.1:{server.server_port}",
+                                            s3_access_key_id="test", s3_secret_access_key="test", s3_retries=1))
+        for _ in range(3):
+            assert light.get("bucket", "k.jpg").body == b"image"
+            assert closed.acquire(timeout=10)
+        server.shutdown()
+    assert len(peers) == 3 and len(set(peers)) == 3  # three requests, each on its own new connection

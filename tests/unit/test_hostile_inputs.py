@@ -432,3 +432,17 @@ def test_the_nvjpeg_path_leaves_exif_rotated_jpegs_to_pil(service: ExtractionSer
     exif[0x0112] = 1
     upright = service.prepare(_jpeg(exif=exif.tobytes()), model)
     assert upright.pixels is None and upright.jpeg is not None
+
+
+def test_both_decode_paths_report_the_full_upright_size_of_a_large_jpeg(service: ExtractionService,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The result file's image width and height are the upload's, not the reduced scale the CPU path
+    decodes a large JPEG at (1/4 here), and the same on the CPU and the nvJPEG paths."""
+    model = service.models.get("pans")
+    buffer = io.BytesIO()
+    Image.new("RGB", (1000, 900), (200, 30, 30)).save(buffer, format="JPEG")
+    on_cpu = service.prepare(buffer.getvalue(), model)
+    assert on_cpu.pixels is not None and (on_cpu.width, on_cpu.height) == (1000, 900)
+    monkeypatch.setattr(service, "_gpu_decode", lambda model: True)
+    on_gpu = service.prepare(buffer.getvalue(), model)
+    assert on_gpu.jpeg is not None and (on_gpu.width, on_gpu.height) == (1000, 900)

@@ -78,3 +78,63 @@ def test_draft_mode_decodes_large_jpeg_at_reduced_scale() -> None:
     drafted = decode_image(data, **LIMITS, draft_size=224)
     assert full.size == (1600, 1200)
     assert 224 <= min(drafted.size) < 600  # DCT-domain downscale, never below the model size
+
+
+def _photo_like(width: int, height: int, seed: int = 0) -> Image.Image:
+    """Smooth gradients and texture plus noise: every DCT coefficient and chroma plane in play."""
+    import numpy as np
+
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([(np.sin(xx / 37) + np.cos(yy / 23)) * 60 + 128, xx % 255, yy * 7 % 255], -1)
+    noise = np.random.default_rng(seed).integers(0, 30, base.shape)
+    return Image.fromarray((base + noise).clip(0, 255).astype("uint8"))
+
+
+@pytest.mark.parametrize("size", [(400, 400), (300, 500), (450, 449), (600, 600), (1000, 700), (1700, 1300),
+                                  (3000, 2000)])
+@pytest.mark.parametrize("variant", ["444", "420", "grey", "progressive"])
+def test_decode_rgb_gives_decode_images_pixels_bit_for_bit(size: tuple[int, int], variant: str) -> None:
+    """The worker's JPEG path (simplejpeg) against Pillow's, at every draft scale (1, 1/2, 1/4, 1/8)."""
+    import numpy as np
+
+    from shelfsight.shared.imaging import decode_rgb, open_header
+
+    image = _photo_like(*size)
+    data = _jpeg(image.convert("L") if variant == "grey" else image, quality=90,
+                 subsampling=0 if variant == "444" else 2, progressive=variant == "progressive")
+    limits = {"max_bytes": 50_000_000, "max_pixels": 50_000_000}
+    expected = np.asarray(decode_image(data, draft_size=224, **limits))
+    with open_header(data, **limits) as header:
+        got = decode_rgb(data, header, max_pixels=limits["max_pixels"], draft_size=224)
+    assert got.dtype == np.uint8 and got.shape == expected.shape
+    assert np.array_equal(got, expected)
+
+
+def test_decode_rgb_takes_pillows_path_for_what_simplejpeg_must_not_decode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rotated (EXIF) and CMYK JPEGs, PNGs, and a truncated JPEG go to Pillow: upright, RGB, and
+    the same refusal for a broken file."""
+    import numpy as np
+
+    from shelfsight.shared import imaging
+
+    fast_calls: list[int] = []
+    real = imaging.simplejpeg.decode_jpeg
+    monkeypatch.setattr(imaging.simplejpeg, "decode_jpeg", lambda *a, **k: fast_calls.append(1) or real(*a, **k))
+
+    def rgb(data: bytes) -> np.ndarray:
+        with imaging.open_header(data, **LIMITS) as header:
+            return imaging.decode_rgb(data, header, max_pixels=LIMITS["max_pixels"], draft_size=224)
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    assert rgb(_jpeg(Image.new("RGB", (60, 20), (255, 0, 0)), exif=exif.tobytes())).shape == (60, 20, 3)
+    assert rgb(_jpeg(Image.new("CMYK", (30, 20), (0, 255, 255, 0)))).shape == (20, 30, 3)
+    png = io.BytesIO()
+    Image.new("RGBA", (30, 20), (0, 0, 0, 0)).save(png, format="PNG")
+    assert (rgb(png.getvalue()) == 255).all()  # transparent on white
+    assert fast_calls == []
+    plain = _jpeg(_photo_like(400, 300))
+    assert rgb(plain).shape == (300, 400, 3) and fast_calls == [1]
+    with pytest.raises(Rejected) as broken:
+        rgb(plain[: len(plain) // 2])  # simplejpeg refuses it; Pillow says why
+    assert broken.value.code == "undecodable_image" and len(fast_calls) == 2
