@@ -140,7 +140,10 @@ def preprocess_tensor(
 
 @functools.lru_cache(maxsize=64)
 def _normalizer(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """255 mean and 255 std as [C, 1, 1] float tensors on `device` (built once per model's stats)."""
-    scaled_mean = torch.tensor(mean, dtype=torch.float32, device=device).mul_(255.0).view(-1, 1, 1)
-    scaled_std = torch.tensor(std, dtype=torch.float32, device=device).mul_(255.0).view(-1, 1, 1)
+    """255 mean and 255 std as [C, 1, 1] float tensors on `device` (built once per model's stats).
+    On CUDA the copy is waited for here: every lane's stream then reads them, whichever built them."""
+    scaled_mean = (torch.tensor(mean, dtype=torch.float32) * 255.0).view(-1, 1, 1).to(device)
+    scaled_std = (torch.tensor(std, dtype=torch.float32) * 255.0).view(-1, 1, 1).to(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return scaled_mean, scaled_std
