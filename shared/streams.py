@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import redis
 import structlog
+from redis.client import Pipeline
 
 from shelfsight.shared.settings import Settings
 
@@ -62,12 +63,18 @@ class RedisStreamPublisher:
         entry_id = self.client.xadd(stream, _flat(fields), maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
         return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
 
-    def publish_many(self, entries: Sequence[tuple[str, dict[str, Any]]]) -> list[str]:
-        """Every entry in one round trip (a pipeline, no transaction), in order; raises if any fails."""
+    def publish_many(self, entries: Sequence[tuple[str, dict[str, Any]]],
+                     then: Callable[[Pipeline], object] | None = None) -> list[str]:
+        """Every entry in one round trip (a pipeline, no transaction), in order; raises if any fails.
+        `then` queues more commands on the same client after them (their replies are not returned;
+        one that fails raises too)."""
         pipe = self.client.pipeline(transaction=False)
         for stream, fields in entries:
             pipe.xadd(stream, _flat(fields), maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
-        return [i.decode() if isinstance(i, bytes) else str(i) for i in pipe.execute()]
+        if then is not None:
+            then(pipe)
+        replies = pipe.execute()[:len(entries)]
+        return [i.decode() if isinstance(i, bytes) else str(i) for i in replies]
 
 
 class InMemoryPublisher:

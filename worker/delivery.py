@@ -26,6 +26,7 @@ from typing import Protocol
 
 import redis
 import structlog
+from redis.client import Pipeline
 
 from shelfsight.shared.settings import Settings
 
@@ -114,6 +115,11 @@ class RedisDeliveryTracker:
             self.client.eval(_FINISH, 1, delivery_key(event_id), self.ttl_s, outcome)
         except redis.RedisError as exc:  # the outcome is durable in S3; only dedup of copies is lost
             log.warning("delivery.finish_failed", error=f"{type(exc).__name__}: {exc}")
+
+    def finish_in(self, pipe: Pipeline, event_id: str, outcome: str) -> None:
+        """Queue `finish` on a pipeline of this tracker's client (the results stream's entry and the
+        outcome in one round trip; see ExtractionService._announce)."""
+        pipe.eval(_FINISH, 1, delivery_key(event_id), self.ttl_s, outcome)
 
 
 class InMemoryDeliveryTracker:

@@ -69,6 +69,7 @@ class Outcome:
     event_id: str
     retry_in: float | None = None
     detail: dict[str, Any] = field(default_factory=dict)
+    finish_recorded: bool = False  # the delivery's outcome already went to Redis (with the stream entry)
 
     def summary(self) -> dict[str, Any]:
         return {"status": self.status, "event_id": self.event_id, **self.detail}
@@ -176,7 +177,8 @@ class ExtractionService:
             return outcome
         finally:
             if outcome is not None and outcome.status in DURABLE_OUTCOMES:
-                self.deliveries.finish(event.event_id, outcome.status)
+                if not outcome.finish_recorded:
+                    self.deliveries.finish(event.event_id, outcome.status)
             else:  # a retry, a requeue or an exception: this delivery ended, without an outcome
                 self.deliveries.release(event.event_id)
 
@@ -258,7 +260,7 @@ class ExtractionService:
             "queue_ms": _ms(t3 - t2 - scored.model_ms / 1000), "model_ms": round(scored.model_ms, 2),
             "batch_size": scored.batch_size,
         }
-        status = self._write_result(record, event, scored.uncertainty)
+        status, finish_recorded = self._write_result(record, event, scored.uncertainty)
         metrics.observe_confidences(event.category, {a: r.confidence for a, r in record.attributes.items()},
                                     {a: r.needs_review for a, r in record.attributes.items()})
         metrics.STAGE_SECONDS.labels(stage="fetch").observe(t1 - t0)
@@ -270,7 +272,7 @@ class ExtractionService:
         return Outcome(status, event.event_id, detail={
             "result": f"s3://{self.settings.bucket}/{result_key(self.settings.results_prefix, event.category, event.product_id)}",
             "version": record.model.version,
-        })
+        }, finish_recorded=finish_recorded)
 
     # --- stages ---------------------------------------------------------------------------
     def prepare(self, data: bytes, model: CategoryModel) -> Prepared:
@@ -392,18 +394,19 @@ class ExtractionService:
         )
 
     # --- endings --------------------------------------------------------------------------
-    def _write_result(self, record: ResultRecord, event: UploadEvent, uncertainty: float) -> str:
+    def _write_result(self, record: ResultRecord, event: UploadEvent, uncertainty: float) -> tuple[str, bool]:
         """Idempotent write: identical content is not rewritten; an older event never overwrites a newer one.
 
         With conditional writes, a new product costs one PUT (If-None-Match); an existing file
         is read, compared, and replaced only if unchanged since (If-Match), so racing workers
         cannot lose an update. An event older than the stored result is "superseded", and that
         is recorded too (`_record_superseded`). Returns "result", "superseded" or "duplicate"
-        (another copy of this event already ended as a dead letter: one outcome per event).
+        (another copy of this event already ended as a dead letter: one outcome per event), and
+        whether the delivery's outcome was recorded with the stream entries (`_announce`).
         """
         if self.deliveries.finished(record.event_id) == "dead_letter":
             log.warning("result.not_written_already_dead_lettered")
-            return "duplicate"
+            return "duplicate", False
         key = result_key(self.settings.results_prefix, record.category, record.product_id)
         t0 = time.perf_counter()
         record.timings["finished_at"] = datetime.now(UTC).isoformat()
@@ -419,7 +422,7 @@ class ExtractionService:
             existing, etag = self._existing_result(key)
             if existing is not None and existing.submitted_at > record.submitted_at:
                 self._record_superseded(event, existing)
-                return "superseded"
+                return "superseded", False
             if existing is not None and existing.content_fingerprint() == record.content_fingerprint():
                 log.info("result.duplicate_kept")  # redelivery: the file already says exactly this
                 break
@@ -434,7 +437,8 @@ class ExtractionService:
         else:
             raise TransientStorageError(f"result {key} kept changing under concurrent writers")
         # the result is durable now: a stream failure is counted and logged, never a dead letter;
-        # the results entry and (if it needs review) the review entry go in one round trip
+        # the results entry, the review entry (if it needs review) and the delivery's outcome go in
+        # one round trip
         entries = [(self.settings.results_stream, {
             "event_id": record.event_id, "product_id": record.product_id, "category": record.category,
             "result": f"s3://{self.settings.bucket}/{key}", "model_version": record.model.version,
@@ -443,12 +447,29 @@ class ExtractionService:
         if record.needs_review:
             entries.append((self.settings.review_stream,
                             self._review_entry(record, f"s3://{self.settings.bucket}/{key}", uncertainty)))
+        finish_recorded = self._announce(record.event_id, entries)
+        metrics.STAGE_SECONDS.labels(stage="write").observe(time.perf_counter() - t0)
+        return "result", finish_recorded
+
+    def _announce(self, event_id: str, entries: list[tuple[str, dict[str, Any]]]) -> bool:
+        """Publish a durable result's stream entries; True if the delivery's "result" outcome was
+        recorded in the same round trip (a Redis tracker on the publisher's own client).
+
+        If that round trip fails, each entry is published on its own (`publish_all_after_write`:
+        retries, then counted) and False tells `_process` to record the outcome itself.
+        """
+        finish_in = getattr(self.deliveries, "finish_in", None)
+        if finish_in is not None and getattr(self.deliveries, "client", None) is getattr(self.publisher, "client", ()):
+            try:
+                self.publisher.publish_many(entries, then=lambda pipe: finish_in(pipe, event_id, "result"))
+                return True
+            except Exception as exc:  # noqa: BLE001 - the entries are retried one by one below
+                log.warning("stream.pipeline_failed", error=f"{type(exc).__name__}: {exc}", entries=len(entries))
         for (stream, _), published in zip(entries, publish_all_after_write(self.publisher, entries), strict=True):
             if published is None:
                 metrics.STREAM_PUBLISH_FAILURES.labels(
                     stream="results" if stream == self.settings.results_stream else "review").inc()
-        metrics.STAGE_SECONDS.labels(stage="write").observe(time.perf_counter() - t0)
-        return "result"
+        return False
 
     def _review_entry(self, record: ResultRecord, result_uri: str, uncertainty: float) -> dict[str, Any]:
         """The review stream entry of a durable result that needs review (published with the results

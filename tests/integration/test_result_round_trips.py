@@ -1,0 +1,100 @@
+"""A result's Redis traffic on a real redis-server: the stream entry and the delivery's outcome
+go in one round trip, and when that round trip fails, both still happen (each on its own)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from shelfsight.shared.registry import ModelRegistry
+from shelfsight.shared.settings import Settings
+from shelfsight.shared.storage import InMemoryObjectStore
+from shelfsight.shared.streams import RedisStreamPublisher, redis_client
+from shelfsight.shared.taxonomy import load_taxonomy
+from shelfsight.worker.delivery import RedisDeliveryTracker, delivery_key
+from shelfsight.worker.extractor import ExtractionService
+from shelfsight.worker.model_cache import ModelCache
+from tests.helpers import jpeg_bytes
+
+
+class CountingClient(redis.Redis):
+    """redis.Redis that counts round trips: single commands and pipeline executions, by command."""
+
+    sent: list[tuple[str, ...]]
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        self.sent.append((str(args[0]),))
+        return super().execute_command(*args, **options)
+
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
+        pipe = super().pipeline(transaction, shard_hint)
+        client = self
+        execute = pipe.execute
+
+        def counted(raise_on_error: bool = True) -> list[Any]:
+            client.sent.append(tuple(str(args[0]) for args, _ in pipe.command_stack))
+            return execute(raise_on_error)
+
+        pipe.execute = counted  # type: ignore[method-assign]
+        return pipe
+
+
+@pytest.fixture
+def service(settings: Settings) -> Iterator[tuple[ExtractionService, CountingClient]]:
+    settings = settings.model_copy(update={"model_arch": "shelfsight-tiny", "model_weights": "none", "device": "cpu",
+                                           "batch_size": 1, "batch_max_wait_ms": 1})
+    client = CountingClient(connection_pool=redis_client(settings).connection_pool)
+    client.sent = []
+    store = InMemoryObjectStore()
+    store.put(settings.bucket, "uploads/pans/a.jpg", jpeg_bytes(), "image/jpeg")
+    taxonomy = load_taxonomy(settings.taxonomy_path)
+    svc = ExtractionService(settings, taxonomy, store, RedisStreamPublisher(client, settings.stream_maxlen),
+                            ModelCache(settings, taxonomy, store, ModelRegistry(store, settings.bucket)),
+                            deliveries=RedisDeliveryTracker(client, settings.delivery_tracking_ttl_s))
+    yield svc, client
+    svc.close()
+
+
+def _event(event_id: str, settings: Settings) -> dict[str, str]:
+    return {"event_id": event_id, "product_id": "sku-1", "category": "pans",
+            "image": f"s3://{settings.bucket}/uploads/pans/a.jpg"}
+
+
+def test_a_result_costs_three_round_trips_the_last_carrying_entry_and_outcome(
+        service: tuple[ExtractionService, CountingClient], settings: Settings) -> None:
+    svc, client = service
+    svc.models.get("pans")  # loaded before counting
+    client.sent.clear()
+    outcome = svc.process(_event("ev-1", settings))
+    assert outcome.status == "result"
+    # begin, the dead-letter check before the write, then one pipeline: the results and review
+    # entries (a zero-shot model's result needs review) and the outcome
+    assert client.sent == [("EVAL",), ("HGET",), ("XADD", "XADD", "EVAL")]
+    assert client.hget(delivery_key("ev-1"), "done") == b"result"
+    assert client.hget(delivery_key("ev-1"), "n") is None  # the delivery ended
+    assert [e[1][b"event_id"] for e in client.xrange(settings.results_stream)] == [b"ev-1"]
+
+
+def test_when_that_round_trip_fails_the_entry_and_the_outcome_are_still_recorded(
+        service: tuple[ExtractionService, CountingClient], settings: Settings,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    svc, client = service
+    svc.models.get("pans")
+    real = RedisStreamPublisher.publish_many
+
+    def fails_with_more(self: RedisStreamPublisher, entries: Any, then: Any = None) -> list[str]:
+        if then is not None:
+            raise redis.ConnectionError("connection reset by peer")
+        return real(self, entries)
+
+    monkeypatch.setattr(RedisStreamPublisher, "publish_many", fails_with_more)
+    client.sent.clear()
+    assert svc.process(_event("ev-2", settings)).status == "result"
+    assert client.sent[-2:] == [("XADD", "XADD"), ("EVAL",)]  # the entries without it, then the outcome
+    assert client.hget(delivery_key("ev-2"), "done") == b"result"
+    assert [e[1][b"event_id"] for e in client.xrange(settings.results_stream)] == [b"ev-2"]
+    # and a redelivered copy of it is now acked without rework
+    assert svc.process(_event("ev-2", settings), fresh=False).status == "duplicate"
