@@ -471,8 +471,9 @@ def plumbing_baseline(on: bool, service: Any) -> Iterator[None]:
 @contextlib.contextmanager
 def plumbing_baseline_s5(on: bool, service: Any) -> Iterator[None]:
     """Switch off session 5's per-image savings while the block runs: Pillow decodes every JPEG
-    (reopening the header, as decode_image does), float ops and TF.normalize after the resize, and
-    urllib3's pool for the light S3 client's requests."""
+    (reopening the header, as decode_image does), float ops and TF.normalize after the resize,
+    urllib3's pool for the light S3 client's requests, and the delivery outcome in a round trip of
+    its own (not with the stream entries)."""
     if not on:
         yield
         return
@@ -492,14 +493,17 @@ def plumbing_baseline_s5(on: bool, service: Any) -> Iterator[None]:
         resized = TF.resize(square, [size, size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
         return TF.normalize(resized.contiguous().float().div_(255.0).clamp_(0.0, 1.0), list(mean), list(std))
 
-    saved = (extractor.decode_rgb, framing.preprocess_tensor, service.store)
+    from shelfsight.worker.delivery import RedisDeliveryTracker
+
+    saved = (extractor.decode_rgb, framing.preprocess_tensor, service.store, RedisDeliveryTracker.finish_in)
     extractor.decode_rgb = pil_decode
     framing.preprocess_tensor = session4_preprocess
     service.store = _Urllib3LightStore(service.settings, fallback=getattr(service.store, "fallback", None))
+    RedisDeliveryTracker.finish_in = None  # type: ignore[assignment,method-assign]  # ExtractionService._announce: apart
     try:
         yield
     finally:
-        extractor.decode_rgb, framing.preprocess_tensor, service.store = saved
+        extractor.decode_rgb, framing.preprocess_tensor, service.store, RedisDeliveryTracker.finish_in = saved
 
 
 class _Urllib3LightStore:
