@@ -2,8 +2,9 @@
 """Where a Celery task thread's CPU goes, per image, by stage: `bench/throughput.py` run in this
 process with thread-CPU counters around the stages of the extraction path.
 
-Each wrapped function adds `time.thread_time()` spent inside it, on the task threads only, to its
-stage; the report divides by the events processed. Stages nest (`process` holds the rest;
+Each wrapped function adds `time.thread_time()` spent inside it, within a Celery task only (not
+the bench's own threads that read the results back), to its stage; the report divides by the
+events processed. Stages nest (`process` holds the rest;
 `_write_result` holds the PUT, the dead-letter check and the stream round trip), so the rows
 do not add up to the total. The counters themselves cost a few microseconds per call.
 
@@ -39,22 +40,35 @@ _lock = threading.Lock()
 TOTAL = "process (the whole event)"
 
 
-def _probe(owner: Any, name: str, stage: str) -> None:
-    original = getattr(owner, name)
+_in_task = threading.local()
+
+
+def _probe(owner: Any, name: str, stage: str, *, task: bool = False) -> bool:
+    """Count `owner.name`'s thread CPU under `stage` when it runs inside a Celery task (`task`: it
+    is the task's own entry point). False if there is no such function (an older worker)."""
+    original = getattr(owner, name, None)
+    if original is None:
+        return False
 
     @functools.wraps(original)
     def probed(*args: Any, **kwargs: Any) -> Any:
+        counted = task or getattr(_in_task, "on", False)  # not the bench's own reader threads
+        if task:
+            _in_task.on = True
         started = time.thread_time()
         try:
             return original(*args, **kwargs)
         finally:
-            if threading.current_thread().name.startswith("ThreadPoolExecutor"):  # celery's task threads
+            if task:
+                _in_task.on = False
+            if counted:
                 spent = time.thread_time() - started
                 with _lock:
                     _spent[stage] += spent
                     _calls[stage] += 1
 
     setattr(owner, name, probed)
+    return True
 
 
 _ORDER: list[str] = []
@@ -64,8 +78,9 @@ def _install() -> None:
     import celery.concurrency.base as celery_pool
 
     service = extractor.ExtractionService
+    _probe(celery_pool, "apply_target", "celery apply_target (task + trace + ack)", task=True)
+    _ORDER.append("celery apply_target (task + trace + ack)")
     for owner, name, stage in (
-        (celery_pool, "apply_target", "celery apply_target (task + trace + ack)"),
         (service, "process", TOTAL),
         (service, "parse_event", "parse event"),
         (delivery.RedisDeliveryTracker, "begin", "redis: delivery begin"),
@@ -74,15 +89,17 @@ def _install() -> None:
         (s3_light.LightS3ObjectStore, "get", "s3 GET image"),
         (service, "prepare", "decode + preprocess"),
         (extractor, "decode_rgb", "  decode"),
+        (extractor, "decode_image", "  decode"),  # before session 5
         (framing, "preprocess_array", "  preprocess"),
+        (framing, "preprocess_pil", "  preprocess"),  # before session 5 (now it calls preprocess_array)
         (batcher.MicroBatcher, "run", "batcher hand-off and wait"),
         (service, "_record", "result record"),
         (service, "_write_result", "write result (all)"),
         (s3_light.LightS3ObjectStore, "put", "  s3 PUT result"),
         (streams.RedisStreamPublisher, "publish_many", "  redis: stream entries (+ outcome)"),
     ):
-        _probe(owner, name, stage)
-        _ORDER.append(stage)
+        if _probe(owner, name, stage) and stage not in _ORDER:
+            _ORDER.append(stage)
 
 
 def _report() -> None:
