@@ -125,7 +125,7 @@ def object_path(base_path: str, bucket: str, key: str) -> str:
 
 
 def host_header(url: str) -> str:
-    """The Host header urllib3 sends for `url` (and botocore signs): no default port."""
+    """The Host header for `url`, as botocore signs it and http.client would send it: no default port."""
     parts = urlsplit(url)
     host = parts.hostname or ""
     if ":" in host:  # an IPv6 literal
