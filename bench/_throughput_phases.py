@@ -151,7 +151,7 @@ def no_draft_decode() -> Iterator[None]:
     original = extractor.decode_rgb
 
     def full_decode(data: bytes, header: Any, *, max_pixels: int, draft_size: int | None = None) -> Any:
-        return np.asarray(imaging._decode_opened(header, None, max_pixels))
+        return np.array(imaging._decode_opened(header, None, max_pixels))
 
     extractor.decode_rgb = full_decode
     try:
@@ -485,7 +485,7 @@ def plumbing_baseline_s5(on: bool, service: Any) -> Iterator[None]:
 
     def pil_decode(data: bytes, header: Any, *, max_pixels: int, draft_size: int | None = None) -> Any:
         limits = service.settings
-        return np.asarray(imaging.decode_image(data, max_bytes=limits.max_image_bytes, max_pixels=max_pixels,
+        return np.array(imaging.decode_image(data, max_bytes=limits.max_image_bytes, max_pixels=max_pixels,
                                                draft_size=draft_size, max_frames=limits.max_image_frames))
 
     def session4_preprocess(image: Any, size: int, mean: Any, std: Any, draft_size: int | None = None) -> Any:

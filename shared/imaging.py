@@ -167,7 +167,7 @@ def decode_rgb(data: bytes, header: Image.Image, *, max_pixels: int, draft_size:
             pixels = None
         if pixels is not None and pixels.shape[:2] == expected:
             return pixels
-    return np.asarray(_decode_opened(header, draft_size, max_pixels))
+    return np.array(_decode_opened(header, draft_size, max_pixels))  # writable (np.asarray's is not)
 
 
 def upright_size(header: Image.Image) -> tuple[int, int]:

@@ -138,3 +138,14 @@ def test_decode_rgb_takes_pillows_path_for_what_simplejpeg_must_not_decode(monke
     with pytest.raises(Rejected) as broken:
         rgb(plain[: len(plain) // 2])  # simplejpeg refuses it; Pillow says why
     assert broken.value.code == "undecodable_image" and len(fast_calls) == 2
+
+
+def test_decode_rgb_arrays_are_writable_on_both_paths() -> None:
+    """torch.from_numpy warns on (and must never write through) a read-only array."""
+    from shelfsight.shared.imaging import decode_rgb, open_header
+
+    png = io.BytesIO()
+    Image.new("RGB", (30, 20), (1, 2, 3)).save(png, format="PNG")
+    for data in (_jpeg(_photo_like(64, 48)), png.getvalue()):
+        with open_header(data, **LIMITS) as header:
+            assert decode_rgb(data, header, max_pixels=LIMITS["max_pixels"], draft_size=224).flags.writeable
