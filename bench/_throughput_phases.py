@@ -472,8 +472,8 @@ def plumbing_baseline(on: bool, service: Any) -> Iterator[None]:
 def plumbing_baseline_s5(on: bool, service: Any) -> Iterator[None]:
     """Switch off session 5's per-image savings while the block runs: Pillow decodes every JPEG
     (reopening the header, as decode_image does), float ops and TF.normalize after the resize,
-    urllib3's pool for the light S3 client's requests, and the delivery outcome in a round trip of
-    its own (not with the stream entries)."""
+    urllib3's pool for the light S3 client's requests, the delivery outcome in a round trip of
+    its own (not with the stream entries), and the dead-letter check per event (not per batch)."""
     if not on:
         yield
         return
@@ -493,17 +493,20 @@ def plumbing_baseline_s5(on: bool, service: Any) -> Iterator[None]:
         resized = TF.resize(square, [size, size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
         return TF.normalize(resized.contiguous().float().div_(255.0).clamp_(0.0, 1.0), list(mean), list(std))
 
-    from shelfsight.worker.delivery import RedisDeliveryTracker
+    from shelfsight.worker.delivery import BatchFinishedCheck, RedisDeliveryTracker
 
-    saved = (extractor.decode_rgb, framing.preprocess_tensor, service.store, RedisDeliveryTracker.finish_in)
+    saved = (extractor.decode_rgb, framing.preprocess_tensor, service.store, RedisDeliveryTracker.finish_in,
+             BatchFinishedCheck.finished)
     extractor.decode_rgb = pil_decode
     framing.preprocess_tensor = session4_preprocess
     service.store = _Urllib3LightStore(service.settings, fallback=getattr(service.store, "fallback", None))
     RedisDeliveryTracker.finish_in = None  # type: ignore[assignment,method-assign]  # ExtractionService._announce: apart
+    BatchFinishedCheck.finished = lambda self, event_id: self._deliveries.finished(event_id)  # type: ignore[method-assign]
     try:
         yield
     finally:
-        extractor.decode_rgb, framing.preprocess_tensor, service.store, RedisDeliveryTracker.finish_in = saved
+        (extractor.decode_rgb, framing.preprocess_tensor, service.store, RedisDeliveryTracker.finish_in,
+         BatchFinishedCheck.finished) = saved
 
 
 class _Urllib3LightStore:

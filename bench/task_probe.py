@@ -85,6 +85,7 @@ def _install() -> None:
         (service, "parse_event", "parse event"),
         (delivery.RedisDeliveryTracker, "begin", "redis: delivery begin"),
         (delivery.RedisDeliveryTracker, "finished", "redis: dead-letter check"),
+        (delivery.RedisDeliveryTracker, "finished_many", "redis: dead-letter check"),  # per batch, first asker
         (delivery.RedisDeliveryTracker, "finish", "redis: delivery finish (own round trip)"),
         (s3_light.LightS3ObjectStore, "get", "s3 GET image"),
         (service, "prepare", "decode + preprocess"),

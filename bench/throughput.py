@@ -126,7 +126,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="also run the in-process bursts with a change set's per-image savings off, interleaved: "
                         "the before/after plumbing table. s5 (the default): session 5's (Pillow for every JPEG "
                         "decode, TF.normalize, urllib3 for the light S3 client, the delivery outcome in its own "
-                        "round trip); s4: session 4's transport (one "
+                        "round trip, the dead-letter check per event); s4: session 4's transport (one "
                         "message per pop, recorded by a second round trip; one ack round trip each) and s5's; "
                         "s3: session 3's, s4's and s5's "
                         "(kombu's Redis client per command and separate in-flight LREM, full log redaction, strided "

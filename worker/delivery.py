@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import random
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -67,6 +68,7 @@ class Delivery:
 class DeliveryTracker(Protocol):
     def begin(self, event_id: str, *, fresh: bool = False) -> Delivery: ...
     def finished(self, event_id: str) -> str | None: ...
+    def finished_many(self, event_ids: Sequence[str]) -> dict[str, str | None]: ...
     def release(self, event_id: str) -> None: ...
     def finish(self, event_id: str, outcome: str) -> None: ...
 
@@ -103,6 +105,18 @@ class RedisDeliveryTracker:
         except redis.RedisError:
             return None
         return done.decode() if isinstance(done, bytes) else done
+
+    def finished_many(self, event_ids: Sequence[str]) -> dict[str, str | None]:
+        """`finished` of several events in one round trip (every one None when Redis is unreachable)."""
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for event_id in event_ids:
+                pipe.hget(delivery_key(event_id), "done")
+            replies = pipe.execute()
+        except redis.RedisError:
+            return dict.fromkeys(event_ids)
+        return {event_id: done.decode() if isinstance(done, bytes) else done
+                for event_id, done in zip(event_ids, replies, strict=True)}
 
     def release(self, event_id: str) -> None:
         try:
@@ -142,6 +156,10 @@ class InMemoryDeliveryTracker:
         with self._lock:
             return self.done.get(event_id)
 
+    def finished_many(self, event_ids: Sequence[str]) -> dict[str, str | None]:
+        with self._lock:
+            return {event_id: self.done.get(event_id) for event_id in event_ids}
+
     def release(self, event_id: str) -> None:
         with self._lock:
             left = self.deliveries.get(event_id, 0) - 1
@@ -154,6 +172,30 @@ class InMemoryDeliveryTracker:
         with self._lock:
             self.done[event_id] = outcome
             self.deliveries.pop(event_id, None)
+
+
+class BatchFinishedCheck:
+    """The dead-letter check before a result is written, for every event of one micro-batch in
+    one round trip: made by the first of the batch's task threads to ask, read by the others.
+
+    Each copy of an event checks, just before its result's PUT, that no other copy has already
+    ended as a dead letter (one outcome per event). The check was never atomic with the PUT; at
+    batch B it now runs up to one round trip earlier for B - 1 of them, for 1/B of the round trips.
+    """
+
+    def __init__(self, deliveries: DeliveryTracker, event_ids: Sequence[str]) -> None:
+        self._deliveries = deliveries
+        self._event_ids = list(dict.fromkeys(event_ids))
+        self._lock = threading.Lock()
+        self._found: dict[str, str | None] | None = None
+
+    def finished(self, event_id: str) -> str | None:
+        with self._lock:
+            if self._found is None:
+                self._found = self._deliveries.finished_many(self._event_ids)
+        if event_id not in self._found:  # not one of the batch's: ask on its own
+            return self._deliveries.finished(event_id)
+        return self._found[event_id]
 
 
 def backoff_delay(settings: Settings, attempt: int, rng: random.Random | None = None) -> float:

@@ -49,6 +49,7 @@ from shelfsight.worker import metrics
 from shelfsight.worker.batcher import BatchItem, MicroBatcher
 from shelfsight.worker.dead_letters import DeadLetterWriter, payload_id
 from shelfsight.worker.delivery import (
+    BatchFinishedCheck,
     DeliveryTracker,
     InMemoryDeliveryTracker,
     OutcomeNotDurable,
@@ -85,6 +86,7 @@ class Prepared:
     width: int
     height: int
     model: CategoryModel | None = None  # what it was prepared for: a lane's model when none is resident
+    event_id: str = ""  # whose image it is (the batch's dead-letter check asks for every event at once)
 
 
 @dataclass
@@ -94,6 +96,7 @@ class Scored:
     batch_size: int
     model_ms: float
     uncertainty: float  # clip_math.product_uncertainty: the review queue's order
+    finished_check: BatchFinishedCheck  # shared by the batch's events
 
 
 class ExtractionService:
@@ -250,7 +253,7 @@ class ExtractionService:
             raise Rejected("image_too_large", str(exc)) from exc
         t1 = time.perf_counter()
         prepared = self.prepare(obj.body, model)
-        prepared.model = model
+        prepared.model, prepared.event_id = model, event.event_id
         t2 = time.perf_counter()
         scored: Scored = self.batcher.run(event.category, prepared)
         t3 = time.perf_counter()
@@ -260,7 +263,7 @@ class ExtractionService:
             "queue_ms": _ms(t3 - t2 - scored.model_ms / 1000), "model_ms": round(scored.model_ms, 2),
             "batch_size": scored.batch_size,
         }
-        status, finish_recorded = self._write_result(record, event, scored.uncertainty)
+        status, finish_recorded = self._write_result(record, event, scored)
         metrics.observe_confidences(event.category, {a: r.confidence for a, r in record.attributes.items()},
                                     {a: r.needs_review for a, r in record.attributes.items()})
         metrics.STAGE_SECONDS.labels(stage="fetch").observe(t1 - t0)
@@ -366,8 +369,9 @@ class ExtractionService:
         elapsed_ms = (time.perf_counter() - started) * 1000
         metrics.BATCH_SIZE.observe(len(items))
         metrics.STAGE_SECONDS.labels(stage="model").observe(elapsed_ms / 1000)
+        check = BatchFinishedCheck(self.deliveries, [p.event_id for p in prepared])  # no I/O here: on first use
         return [
-            Scored(model, {name: rows[name][i] for name in rows}, len(items), elapsed_ms, uncertainty[i])
+            Scored(model, {name: rows[name][i] for name in rows}, len(items), elapsed_ms, uncertainty[i], check)
             for i in range(len(items))
         ]
 
@@ -394,7 +398,7 @@ class ExtractionService:
         )
 
     # --- endings --------------------------------------------------------------------------
-    def _write_result(self, record: ResultRecord, event: UploadEvent, uncertainty: float) -> tuple[str, bool]:
+    def _write_result(self, record: ResultRecord, event: UploadEvent, scored: Scored) -> tuple[str, bool]:
         """Idempotent write: identical content is not rewritten; an older event never overwrites a newer one.
 
         With conditional writes, a new product costs one PUT (If-None-Match); an existing file
@@ -404,7 +408,7 @@ class ExtractionService:
         (another copy of this event already ended as a dead letter: one outcome per event), and
         whether the delivery's outcome was recorded with the stream entries (`_announce`).
         """
-        if self.deliveries.finished(record.event_id) == "dead_letter":
+        if scored.finished_check.finished(record.event_id) == "dead_letter":  # one round trip per batch
             log.warning("result.not_written_already_dead_lettered")
             return "duplicate", False
         key = result_key(self.settings.results_prefix, record.category, record.product_id)
@@ -446,7 +450,7 @@ class ExtractionService:
         })]
         if record.needs_review:
             entries.append((self.settings.review_stream,
-                            self._review_entry(record, f"s3://{self.settings.bucket}/{key}", uncertainty)))
+                            self._review_entry(record, f"s3://{self.settings.bucket}/{key}", scored.uncertainty)))
         finish_recorded = self._announce(record.event_id, entries)
         metrics.STAGE_SECONDS.labels(stage="write").observe(time.perf_counter() - t0)
         return "result", finish_recorded

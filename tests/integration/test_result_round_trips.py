@@ -1,5 +1,6 @@
 """A result's Redis traffic on a real redis-server: the stream entry and the delivery's outcome
-go in one round trip, and when that round trip fails, both still happen (each on its own)."""
+go in one round trip, and when that round trip fails, both still happen (each on its own); the
+dead-letter check before each write is one round trip per micro-batch."""
 
 from __future__ import annotations
 
@@ -70,8 +71,8 @@ def test_a_result_costs_three_round_trips_the_last_carrying_entry_and_outcome(
     client.sent.clear()
     outcome = svc.process(_event("ev-1", settings))
     assert outcome.status == "result"
-    # begin, the dead-letter check before the write, then one pipeline: the results and review
-    # entries (a zero-shot model's result needs review) and the outcome
+    # begin, the batch's dead-letter check before the write, then one pipeline: the results and
+    # review entries (a zero-shot model's result needs review) and the outcome
     assert client.sent == [("EVAL",), ("HGET",), ("XADD", "XADD", "EVAL")]
     assert client.hget(delivery_key("ev-1"), "done") == b"result"
     assert client.hget(delivery_key("ev-1"), "n") is None  # the delivery ended
@@ -98,3 +99,31 @@ def test_when_that_round_trip_fails_the_entry_and_the_outcome_are_still_recorded
     assert [e[1][b"event_id"] for e in client.xrange(settings.results_stream)] == [b"ev-2"]
     # and a redelivered copy of it is now acked without rework
     assert svc.process(_event("ev-2", settings), fresh=False).status == "duplicate"
+
+
+def test_the_dead_letter_check_is_one_round_trip_per_batch_and_still_stops_a_second_outcome(
+        service: tuple[ExtractionService, CountingClient], settings: Settings) -> None:
+    """Four events scored in one batch of 4: one pipeline of four HGETs before their writes. One
+    of them has already ended as a dead letter (another copy of it did): no result for it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from shelfsight.worker.batcher import MicroBatcher
+
+    svc, client = service
+
+    def run_batch(category: str, items: list) -> list:
+        svc.deliveries.finish("ev-dead", "dead_letter")  # another copy of it ended meanwhile
+        return svc._run_batch(category, items)
+
+    svc.batcher.close()
+    svc.batcher = MicroBatcher(run_batch, 4, 30.0)  # waits for all 4: one batch
+    svc.models.get("pans")
+    client.sent.clear()
+    with ThreadPoolExecutor(4) as pool:
+        outcomes = list(pool.map(lambda i: svc.process(_event(f"ev-{i}", settings) | {"product_id": f"sku-{i}"},
+                                                       fresh=False),
+                                 ["a", "b", "c", "dead"]))
+    assert [o.status for o in outcomes] == ["result", "result", "result", "duplicate"]
+    checks = [sent for sent in client.sent if "HGET" in sent]  # (the test's own finish is an EVAL)
+    assert checks == [("HGET",) * 4]  # one round trip for the batch, not four
+    assert not svc.store.exists(settings.bucket, "results/pans/sku-dead.json")
