@@ -473,7 +473,8 @@ def plumbing_baseline_s5(on: bool, service: Any) -> Iterator[None]:
     """Switch off session 5's per-image savings while the block runs: Pillow decodes every JPEG
     (reopening the header, as decode_image does), float ops and TF.normalize after the resize,
     urllib3's pool for the light S3 client's requests, the delivery outcome in a round trip of
-    its own (not with the stream entries), and the dead-letter check per event (not per batch)."""
+    its own (not with the stream entries), the dead-letter check per event (not per batch), and
+    log lines rendered under the handler's lock."""
     if not on:
         yield
         return
@@ -493,10 +494,14 @@ def plumbing_baseline_s5(on: bool, service: Any) -> Iterator[None]:
         resized = TF.resize(square, [size, size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
         return TF.normalize(resized.contiguous().float().div_(255.0).clamp_(0.0, 1.0), list(mean), list(std))
 
+    import logging as std_logging
+
+    from shelfsight.shared.logs import RenderFirstHandler
     from shelfsight.worker.delivery import BatchFinishedCheck, RedisDeliveryTracker
 
     saved = (extractor.decode_rgb, framing.preprocess_tensor, service.store, RedisDeliveryTracker.finish_in,
-             BatchFinishedCheck.finished)
+             BatchFinishedCheck.finished, RenderFirstHandler.handle)
+    RenderFirstHandler.handle = std_logging.Handler.handle  # type: ignore[method-assign]  # render under the lock
     extractor.decode_rgb = pil_decode
     framing.preprocess_tensor = session4_preprocess
     service.store = _Urllib3LightStore(service.settings, fallback=getattr(service.store, "fallback", None))
@@ -506,7 +511,7 @@ def plumbing_baseline_s5(on: bool, service: Any) -> Iterator[None]:
         yield
     finally:
         (extractor.decode_rgb, framing.preprocess_tensor, service.store, RedisDeliveryTracker.finish_in,
-         BatchFinishedCheck.finished) = saved
+         BatchFinishedCheck.finished, RenderFirstHandler.handle) = saved
 
 
 class _Urllib3LightStore:

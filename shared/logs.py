@@ -137,6 +137,32 @@ class _DemoteTaskChatter(logging.Filter):
         return True
 
 
+class RenderFirstHandler(logging.StreamHandler):
+    """A StreamHandler that renders a record before it takes the handler's lock, so only the
+    write is serialised: the extraction worker's task threads each log a line per event, and
+    queued on the lock for the whole render (processors, redaction, JSON) of every other line.
+    The formatter keeps no state between records, so rendering in parallel is safe."""
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        passed = self.filter(record)
+        if not passed:
+            return False
+        if isinstance(passed, logging.LogRecord):  # Python 3.12: a filter may return a replacement
+            record = passed
+        try:
+            line = self.format(record) + self.terminator
+        except Exception:  # noqa: BLE001 - as emit does: report, never raise into the caller
+            self.handleError(record)
+            return True
+        with self.lock:  # type: ignore[union-attr]
+            try:
+                self.stream.write(line)
+                self.flush()
+            except Exception:  # noqa: BLE001
+                self.handleError(record)
+        return True
+
+
 def _renderer(log_format: str) -> Any:
     if log_format == "json":
         return structlog.processors.JSONRenderer()
@@ -160,7 +186,7 @@ def build_handler(log_format: str = "console") -> logging.Handler:
             _renderer(log_format),
         ],
     )
-    handler = logging.StreamHandler(_CurrentStderr())
+    handler = RenderFirstHandler(_CurrentStderr())
     handler.setFormatter(formatter)
     handler.addFilter(_DemoteTaskChatter())
     handler.set_name("shelfsight")

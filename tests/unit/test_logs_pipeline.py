@@ -122,3 +122,45 @@ def test_uncaught_exceptions_become_redacted_log_lines(capsys: pytest.CaptureFix
         sys.excepthook(type(exc), exc, exc.__traceback__)
     line = _json_lines(capsys.readouterr().err)[-1]
     assert line["event"] == "uncaught_exception" and "ValueError: ***" in line["exception"]
+
+
+def test_lines_logged_from_many_threads_at_once_stay_whole_and_each_keeps_its_own_context(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """The handler renders outside its lock (RenderFirstHandler) and writes under it: 8 task
+    threads x 50 lines come out as 400 whole JSON lines, each with its own thread's event_id."""
+    import threading
+
+    configure_logging("json", "INFO")
+    log = structlog.get_logger()
+    start = threading.Barrier(8)
+
+    def work(n: int) -> None:
+        structlog.contextvars.bind_contextvars(event_id=f"ev-{n}")
+        start.wait()
+        for i in range(50):
+            log.info("event.done", n=n, i=i, padding="x" * 500)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    lines = [line for line in _json_lines(capsys.readouterr().err) if line["event"] == "event.done"]
+    assert len(lines) == 400
+    assert all(line["event_id"] == f"ev-{line['n']}" for line in lines)
+    assert sorted((line["n"], line["i"]) for line in lines) == [(n, i) for n in range(8) for i in range(50)]
+
+
+def test_a_line_that_cannot_be_rendered_is_reported_not_raised(capsys: pytest.CaptureFixture,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    configure_logging("json", "INFO")
+    handler = next(h for h in logging.getLogger().handlers if h.get_name() == "shelfsight")
+
+    def broken(record: logging.LogRecord) -> str:
+        raise ValueError("renderer broke")
+
+    monkeypatch.setattr(handler, "format", broken)
+    monkeypatch.setattr(logging, "raiseExceptions", True)
+    logging.getLogger("x").warning("this line")  # must not raise into the caller
+    assert "renderer broke" in capsys.readouterr().err  # logging's own report of a handler error
