@@ -135,6 +135,13 @@ def publish_all_after_write(
             return list(publish_many(entries))
         except Exception as exc:  # noqa: BLE001 - per entry below, with retries and logging
             log.warning("stream.pipeline_failed", error=f"{type(exc).__name__}: {exc}", entries=len(entries))
+    return publish_each_after_write(publisher, entries, **retry)
+
+
+def publish_each_after_write(
+    publisher: EventPublisher, entries: Sequence[tuple[str, dict[str, Any]]], **retry: Any,
+) -> list[str | None]:
+    """`publish_after_write` for each entry, one at a time (the fallback of a failed pipeline)."""
     return [publish_after_write(publisher, stream, fields, **retry) for stream, fields in entries]
 
 

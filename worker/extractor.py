@@ -43,7 +43,12 @@ from shelfsight.shared.storage import (
     StorageError,
     TransientStorageError,
 )
-from shelfsight.shared.streams import EventPublisher, publish_after_write, publish_all_after_write
+from shelfsight.shared.streams import (
+    EventPublisher,
+    publish_after_write,
+    publish_all_after_write,
+    publish_each_after_write,
+)
 from shelfsight.shared.taxonomy import Taxonomy
 from shelfsight.worker import metrics
 from shelfsight.worker.batcher import BatchItem, MicroBatcher
@@ -459,8 +464,9 @@ class ExtractionService:
         """Publish a durable result's stream entries; True if the delivery's "result" outcome was
         recorded in the same round trip (a Redis tracker on the publisher's own client).
 
-        If that round trip fails, each entry is published on its own (`publish_all_after_write`:
-        retries, then counted) and False tells `_process` to record the outcome itself.
+        If that round trip fails, each entry is published on its own (`publish_each_after_write`:
+        retries, then counted; not a second pipeline) and False tells `_process` to record the
+        outcome itself.
         """
         finish_in = getattr(self.deliveries, "finish_in", None)
         if finish_in is not None and getattr(self.deliveries, "client", None) is getattr(self.publisher, "client", ()):
@@ -469,7 +475,10 @@ class ExtractionService:
                 return True
             except Exception as exc:  # noqa: BLE001 - the entries are retried one by one below
                 log.warning("stream.pipeline_failed", error=f"{type(exc).__name__}: {exc}", entries=len(entries))
-        for (stream, _), published in zip(entries, publish_all_after_write(self.publisher, entries), strict=True):
+            ids = publish_each_after_write(self.publisher, entries)
+        else:
+            ids = publish_all_after_write(self.publisher, entries)
+        for (stream, _), published in zip(entries, ids, strict=True):
             if published is None:
                 metrics.STREAM_PUBLISH_FAILURES.labels(
                     stream="results" if stream == self.settings.results_stream else "review").inc()
