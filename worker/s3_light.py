@@ -158,9 +158,8 @@ def _readable(sock: socket.socket) -> bool:
 
 @dataclass
 class _Response:
-    """What the light path keeps of an S3 response: the status, the two headers it reads, the body."""
+    """What the light path keeps of a successful S3 response: its ETag and its body."""
 
-    status: int
     etag: str
     body: bytes
 
@@ -298,17 +297,19 @@ class LightS3ObjectStore:
         signed = self._signer.sign(method, self._host, path, headers, payload_sha256, credentials.access_key,
                                    credentials.secret_key, credentials.token, datetime.now(UTC))
         signed["Host"] = self._host  # what was signed, as sent
+        response: http.client.HTTPResponse | None = None
         try:
-            response = self._exchange(method, path, signed, body)
+            conn = self._connection()
+            conn.request(method, path, body=body or None, headers=signed)
+            response = conn.getresponse()
             if response.status < 300:
                 return self._read_success(response, bucket, key, max_bytes)
             data = response.read(64 * 1024)  # S3 error bodies are small
         except (http.client.HTTPException, OSError) as exc:  # connect/read timeout, reset, refused, cut short
-            self._drop_connection()
             raise TransientStorageError(f"s3://{bucket}/{key}: {type(exc).__name__}") from exc
         finally:
-            if not self._reusable(getattr(self._local, "response", None)):
-                self._drop_connection()  # a body left unread, or the server closes: never reused
+            if not self._reusable(response):
+                self._drop_connection()  # no answer, a body left unread, or the server closes: never reused
         match = _ERROR_CODE.search(data or b"")
         code = match.group(1).decode("ascii", "replace") if match else ""
         if 300 <= response.status < 400 or (response.status == 400 and code not in _RETRIED_400):
@@ -321,14 +322,6 @@ class LightS3ObjectStore:
             translated = TransientStorageError(f"s3://{bucket}/{key}: {code or response.status}")
         raise translated from error
 
-    def _exchange(self, method: str, path: str, headers: dict[str, str], body: bytes) -> http.client.HTTPResponse:
-        """One request and its status line and headers, on this thread's connection."""
-        self._local.response = None
-        conn = self._connection()
-        conn.request(method, path, body=body or None, headers=headers)
-        self._local.response = conn.getresponse()
-        return self._local.response
-
     def _read_success(self, response: http.client.HTTPResponse, bucket: str, key: str,
                       max_bytes: int | None) -> _Response:
         etag = str(response.getheader("ETag", "")).strip('"')
@@ -338,7 +331,7 @@ class LightS3ObjectStore:
         data = response.read() if max_bytes is None else response.read(max_bytes + 1)
         if max_bytes is not None and len(data) > max_bytes:
             raise ObjectTooLarge(f"s3://{bucket}/{key} exceeds {max_bytes} bytes")
-        return _Response(response.status, etag, data)
+        return _Response(etag, data)
 
     @staticmethod
     def _reusable(response: http.client.HTTPResponse | None) -> bool:
