@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _plumbing_baselines import plumbing_baseline_s3, plumbing_baseline_s4
 from _throughput_harness import CpuMeter, plumbing_by_component, say, services
-from _throughput_phases import plumbing_baseline_s3, plumbing_baseline_s4
 
 
 def main() -> None:

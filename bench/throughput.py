@@ -59,6 +59,13 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test")
 
 # Siblings in bench/ (the script's own folder is first on sys.path when run as a script).
 import torch
+from _plumbing_baselines import (
+    plumbing_baseline,
+    plumbing_baseline_s3,
+    plumbing_baseline_s4,
+    plumbing_baseline_s5,
+    plumbing_baseline_s6,
+)
 from _throughput_harness import (
     CpuMeter,
     cleanup_children,
@@ -80,10 +87,6 @@ from _throughput_phases import (
     make_images,
     no_draft_decode,
     percentile,
-    plumbing_baseline,
-    plumbing_baseline_s3,
-    plumbing_baseline_s4,
-    plumbing_baseline_s5,
     publish_version,
     resident_models,
     upload_images,
@@ -122,13 +125,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--s3", choices=("standin", "moto"), default="standin",
                    help="S3 server on loopback: the bench's stand-in (bench/_s3_standin.py, keep-alive, light) or moto")
     p.add_argument("--s3-processes", type=int, default=None, help="stand-in processes (CPU default 1, GPU 4)")
-    p.add_argument("--plumbing-baseline", nargs="?", const="s5", default=None, choices=("s2", "s3", "s4", "s5"),
+    p.add_argument("--plumbing-baseline", nargs="?", const="s6", default=None,
+                   choices=("s2", "s3", "s4", "s5", "s6"),
                    help="also run the in-process bursts with a change set's per-image savings off, interleaved: "
-                        "the before/after plumbing table. s5 (the default): session 5's (Pillow for every JPEG "
+                        "the before/after plumbing table. s6 (the default): session 6's (http.client for the "
+                        "light S3 client); s5: session 5's (Pillow for every JPEG "
                         "decode, TF.normalize, urllib3 for the light S3 client, the delivery outcome in its own "
-                        "round trip, the dead-letter check per event); s4: session 4's transport (one "
-                        "message per pop, recorded by a second round trip; one ack round trip each) and s5's; "
-                        "s3: session 3's, s4's and s5's "
+                        "round trip, the dead-letter check per event) and s6's; s4: session 4's transport (one "
+                        "message per pop, recorded by a second round trip; one ack round trip each) and later; "
+                        "s3: session 3's and later "
                         "(kombu's Redis client per command and separate in-flight LREM, full log redaction, strided "
                         "normalize, one XADD per stream entry); s2: session 2's (boto3 for S3, PIL resize, "
                         "task-started events)")
@@ -308,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # (c) end to end, burst then paced.
         meter = CpuMeter({"s3_server": svc.moto.pid, "redis_server": svc.redis.pid})
         variants = [("e2e", False)] + ([("e2e-baseline", True)] if args.plumbing_baseline else [])
-        baseline_off = {"s5": plumbing_baseline_s5, "s4": plumbing_baseline_s4, "s3": plumbing_baseline_s3}.get(args.plumbing_baseline or "",
+        baseline_off = {"s6": plumbing_baseline_s6, "s5": plumbing_baseline_s5, "s4": plumbing_baseline_s4, "s3": plumbing_baseline_s3}.get(args.plumbing_baseline or "",
                                                                                    plumbing_baseline)
         with CeleryPhase(settings_for("e2e", 2), args.concurrency, uris, "e2e") as phase:
             say(f"(c) e2e worker up: threads pool x{args.concurrency}; warming up with {args.batch_size} events")

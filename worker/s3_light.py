@@ -4,8 +4,8 @@ boto3 costs about 2.2 ms of CPU per request here (event hooks, endpoint rules, s
 parsers, retry handlers), twice per image: more than half of the worker's plumbing per image
 (docs/performance.md). `LightS3ObjectStore` sends those two requests itself: SigV4 signed by
 hand (the signing key is derived once per day), each task thread over its own keep-alive
-`http.client` connection (half urllib3's CPU per request: no pool, no retry object, no
-response wrapper), with the same error vocabulary (`shelfsight.shared.storage`), the same
+HTTP/1.1 connection (`shelfsight.worker.http1`: a third of urllib3's CPU per request: no pool,
+no retry object, no `email` header parser), with the same error vocabulary (`shelfsight.shared.storage`), the same
 retry budget and timeouts as the boto3 client. Everything else (exists, list, delete,
 buckets) goes to the boto3 store it wraps.
 
@@ -52,6 +52,7 @@ from shelfsight.shared.storage import (
     TransientStorageError,
     _translate,
 )
+from shelfsight.worker.http1 import BodyTooLarge, Connection, Response
 
 log = structlog.get_logger()
 
@@ -125,7 +126,7 @@ def object_path(base_path: str, bucket: str, key: str) -> str:
 
 
 def host_header(url: str) -> str:
-    """The Host header for `url`, as botocore signs it and http.client would send it: no default port."""
+    """The Host header for `url`, as botocore signs it and sends it: no default port."""
     parts = urlsplit(url)
     host = parts.hostname or ""
     if ":" in host:  # an IPv6 literal
@@ -165,7 +166,7 @@ class _Response:
 
 
 class LightS3ObjectStore:
-    """ObjectStore whose get/put are signed `http.client` requests; the rest is the wrapped boto3 store.
+    """ObjectStore whose get/put are signed HTTP/1.1 requests; the rest is the wrapped boto3 store.
 
     Thread-safe: each thread has its own keep-alive connection (a task thread has at most one
     request in flight), opened on first use and replaced after any error; one signer.
@@ -265,21 +266,15 @@ class LightS3ObjectStore:
                 time.sleep(random.uniform(0, min(_RETRY_CAP_S, 2 ** (attempt - 1))))  # noqa: S311 - jitter
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _connection(self) -> http.client.HTTPConnection:
+    def _connection(self) -> Connection:
         """This thread's connection; a new one if it has none, or if the server closed it while it
         was idle (readable with nothing asked: its end of the connection, as urllib3 checks)."""
-        conn: http.client.HTTPConnection | None = getattr(self._local, "conn", None)
+        conn: Connection | None = getattr(self._local, "conn", None)
         if conn is not None and conn.sock is not None and not _readable(conn.sock):
             return conn
         self._drop_connection()
-        timeout = self.settings.s3_connect_timeout_s
-        if self._tls is not None:
-            conn = http.client.HTTPSConnection(self._hostname, self._port, timeout=timeout, context=self._tls)
-        else:
-            conn = http.client.HTTPConnection(self._hostname, self._port, timeout=timeout)
-        conn.connect()  # within the connect timeout; then every read waits at most the read timeout
-        if conn.sock is not None:
-            conn.sock.settimeout(self.settings.s3_read_timeout_s)
+        conn = Connection(self._hostname, self._port, tls=self._tls, connect_timeout=self.settings.s3_connect_timeout_s,
+                          read_timeout=self.settings.s3_read_timeout_s)
         self._local.conn = conn
         return conn
 
@@ -297,18 +292,19 @@ class LightS3ObjectStore:
         signed = self._signer.sign(method, self._host, path, headers, payload_sha256, credentials.access_key,
                                    credentials.secret_key, credentials.token, datetime.now(UTC))
         signed["Host"] = self._host  # what was signed, as sent
-        response: http.client.HTTPResponse | None = None
+        response: Response | None = None
         try:
             conn = self._connection()
-            conn.request(method, path, body=body or None, headers=signed)
-            response = conn.getresponse()
+            response = conn.request(method, path, signed, body)
             if response.status < 300:
                 return self._read_success(response, bucket, key, max_bytes)
             data = response.read(64 * 1024)  # S3 error bodies are small
+        except BodyTooLarge as too_large:  # an error document over 64 KiB is not S3's
+            raise TransientStorageError(f"s3://{bucket}/{key}: {too_large}") from too_large
         except (http.client.HTTPException, OSError) as exc:  # connect/read timeout, reset, refused, cut short
             raise TransientStorageError(f"s3://{bucket}/{key}: {type(exc).__name__}") from exc
         finally:
-            if not self._reusable(response):
+            if response is None or not response.reusable:
                 self._drop_connection()  # no answer, a body left unread, or the server closes: never reused
         match = _ERROR_CODE.search(data or b"")
         code = match.group(1).decode("ascii", "replace") if match else ""
@@ -322,22 +318,15 @@ class LightS3ObjectStore:
             translated = TransientStorageError(f"s3://{bucket}/{key}: {code or response.status}")
         raise translated from error
 
-    def _read_success(self, response: http.client.HTTPResponse, bucket: str, key: str,
-                      max_bytes: int | None) -> _Response:
-        etag = str(response.getheader("ETag", "")).strip('"')
-        length = int(response.getheader("Content-Length", "0") or 0)
-        if max_bytes is not None and length > max_bytes:  # the body is left unread: the connection goes
-            raise ObjectTooLarge(f"s3://{bucket}/{key} is {length} bytes; the limit is {max_bytes}")
-        data = response.read() if max_bytes is None else response.read(max_bytes + 1)
-        if max_bytes is not None and len(data) > max_bytes:
-            raise ObjectTooLarge(f"s3://{bucket}/{key} exceeds {max_bytes} bytes")
-        return _Response(etag, data)
-
     @staticmethod
-    def _reusable(response: http.client.HTTPResponse | None) -> bool:
-        """The connection can carry the next request: the response was read to its end and the
-        server did not say it closes."""
-        return response is not None and response.isclosed() and not response.will_close
+    def _read_success(response: Response, bucket: str, key: str, max_bytes: int | None) -> _Response:
+        try:
+            data = response.read(max_bytes)
+        except BodyTooLarge as exc:  # the body is left unread: the connection goes
+            if exc.length is None:  # no Content-Length: counted as it came
+                raise ObjectTooLarge(f"s3://{bucket}/{key} exceeds {max_bytes} bytes") from exc
+            raise ObjectTooLarge(f"s3://{bucket}/{key} is {exc.length} bytes; the limit is {max_bytes}") from exc
+        return _Response(response.header("ETag").strip('"'), data)
 
 
 def worker_object_store(settings: Settings) -> ObjectStore:
