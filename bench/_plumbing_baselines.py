@@ -192,18 +192,39 @@ def plumbing_baseline_s3(on: bool, service: Any) -> Iterator[None]:
 def plumbing_baseline_s6(on: bool, service: Any) -> Iterator[None]:
     """Switch off session 6's per-image savings while the block runs: the light S3 client's
     requests over `http.client` (headers parsed by the email package, headers and body written
-    apart) instead of shelfsight.worker.http1."""
+    apart) instead of shelfsight.worker.http1; each thread's Redis round trips on their own (the
+    delivery's begin an EVAL, the stream entries and outcome a pipeline of their own) instead of
+    grouped across threads."""
     if not on:
         yield
         return
-    from shelfsight.worker import s3_light
+    from shelfsight.shared.grouped_pipelines import GroupedPipelines
+    from shelfsight.worker import delivery, s3_light
 
-    saved = s3_light.Connection
+    def alone(self: Any, queue: Any) -> Any:
+        pipe = self.client.pipeline(transaction=False)
+        queue(pipe)
+        return pipe.execute()
+
+    def begin_alone(self: Any, event_id: str, *, fresh: bool = False) -> Any:
+        import redis
+
+        try:
+            n, done = self.client.eval(delivery._BEGIN, 1, delivery.delivery_key(event_id), self.ttl_s,
+                                       "1" if fresh else "0")
+        except redis.RedisError:
+            return delivery.Delivery(0, None, tracked=False)
+        done = done.decode() if isinstance(done, bytes) else str(done)
+        return delivery.Delivery(int(n), done or None)
+
+    saved = (s3_light.Connection, GroupedPipelines.execute, delivery.RedisDeliveryTracker.begin)
     s3_light.Connection = _HttpClientConnection  # type: ignore[misc,assignment]
+    GroupedPipelines.execute = alone  # type: ignore[method-assign]
+    delivery.RedisDeliveryTracker.begin = begin_alone  # type: ignore[method-assign]
     try:
         yield
     finally:
-        s3_light.Connection = saved  # type: ignore[misc]
+        s3_light.Connection, GroupedPipelines.execute, delivery.RedisDeliveryTracker.begin = saved  # type: ignore[misc,method-assign]
 
 
 class _HttpClientConnection:

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import throughput
 
 from shelfsight.shared import framing, streams
-from shelfsight.worker import batcher, delivery, extractor, s3_light
+from shelfsight.worker import batcher, delivery, extractor, metrics, model_cache, s3_light
 
 _spent: collections.Counter[str] = collections.Counter()
 _calls: collections.Counter[str] = collections.Counter()
@@ -83,6 +83,8 @@ def _install() -> None:
     for owner, name, stage in (
         (service, "process", TOTAL),
         (service, "parse_event", "parse event"),
+        (service, "_extract", "extract (after begin, before the outcome's bookkeeping)"),
+        (model_cache.ModelCache, "get", "  model lookup"),
         (delivery.RedisDeliveryTracker, "begin", "redis: delivery begin"),
         (delivery.RedisDeliveryTracker, "finished", "redis: dead-letter check"),
         (delivery.RedisDeliveryTracker, "finished_many", "redis: dead-letter check"),  # per batch, first asker
@@ -94,10 +96,13 @@ def _install() -> None:
         (framing, "preprocess_array", "  preprocess"),
         (framing, "preprocess_pil", "  preprocess"),  # before session 5 (now it calls preprocess_array)
         (batcher.MicroBatcher, "run", "batcher hand-off and wait"),
+        (extractor, "open_header", "  image header"),
         (service, "_record", "result record"),
+        (metrics, "observe_confidences", "metrics: confidences"),
         (service, "_write_result", "write result (all)"),
         (s3_light.LightS3ObjectStore, "put", "  s3 PUT result"),
         (streams.RedisStreamPublisher, "publish_many", "  redis: stream entries (+ outcome)"),
+        (service, "_announce", "  announce (entries, outcome, fallbacks)"),
     ):
         if _probe(owner, name, stage) and stage not in _ORDER:
             _ORDER.append(stage)

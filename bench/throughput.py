@@ -129,7 +129,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    choices=("s2", "s3", "s4", "s5", "s6"),
                    help="also run the in-process bursts with a change set's per-image savings off, interleaved: "
                         "the before/after plumbing table. s6 (the default): session 6's (http.client for the "
-                        "light S3 client); s5: session 5's (Pillow for every JPEG "
+                        "light S3 client, each thread's Redis round trips apart); s5: session 5's (Pillow for every JPEG "
                         "decode, TF.normalize, urllib3 for the light S3 client, the delivery outcome in its own "
                         "round trip, the dead-letter check per event) and s6's; s4: session 4's transport (one "
                         "message per pop, recorded by a second round trip; one ack round trip each) and later; "

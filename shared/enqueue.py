@@ -20,10 +20,15 @@ ENQUEUED_AT_HEADER = "shelfsight_enqueued_at"
 
 def enqueue_event(app: Celery, event: UploadEvent, *, queue: str | None = None) -> str:
     """Send a validated event to the extract queue (or `queue`, e.g. the backfill queue). The
-    Celery task id is the event id."""
+    Celery task id is the event id.
+
+    `ignore_result`: extraction stores no Celery result (its outcome is the S3 result file and
+    the results stream), so the producer does not subscribe to a result channel per message, as
+    Celery otherwise does for a Redis result backend (a SUBSCRIBE and an UNSUBSCRIBE per enqueue).
+    """
     payload = event.model_dump(mode="json")
     routing = {"queue": queue} if queue else {}
-    app.send_task(EXTRACT_TASK, args=[payload], task_id=event.event_id,
+    app.send_task(EXTRACT_TASK, args=[payload], task_id=event.event_id, ignore_result=True,
                   headers={ENQUEUED_AT_HEADER: time.time()}, **routing)
     return event.event_id
 

@@ -212,6 +212,11 @@ def configure_logging(log_format: str = "console", level: str = "INFO", secrets:
     root.setLevel(numeric)
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "PIL", "timm", "matplotlib", "werkzeug"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Celery asks once, when it builds a task's strategy and tracer, whether its per-task INFO lines
+    # are wanted (`isEnabledFor(INFO)`). Above DEBUG they are never shown, so they are not made
+    # either (two records per message, built and then dropped by _DemoteTaskChatter).
+    for chatter in _TASK_CHATTER:
+        logging.getLogger(chatter).setLevel(logging.NOTSET if numeric <= logging.DEBUG else logging.WARNING)
     logging.captureWarnings(True)  # warnings.warn(...) output becomes a log line too
     structlog.configure(
         processors=[

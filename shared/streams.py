@@ -16,6 +16,7 @@ import redis
 import structlog
 from redis.client import Pipeline
 
+from shelfsight.shared.grouped_pipelines import GroupedPipelines
 from shelfsight.shared.settings import Settings
 
 log = structlog.get_logger()
@@ -53,11 +54,15 @@ def _flat(fields: dict[str, Any]) -> dict[str, str]:
 
 
 class RedisStreamPublisher:
-    """XADD with an approximate MAXLEN, so the stream cannot grow without bound."""
+    """XADD with an approximate MAXLEN, so the stream cannot grow without bound.
 
-    def __init__(self, client: redis.Redis, maxlen: int) -> None:
+    `pipelines`: where `publish_many` sends its round trips (grouped with other threads' on the
+    same client; shared with the delivery tracker in the extraction worker)."""
+
+    def __init__(self, client: redis.Redis, maxlen: int, pipelines: GroupedPipelines | None = None) -> None:
         self.client = client
         self.maxlen = maxlen
+        self.pipelines = pipelines or GroupedPipelines(client)
 
     def publish(self, stream: str, fields: dict[str, Any]) -> str:
         entry_id = self.client.xadd(stream, _flat(fields), maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
@@ -65,15 +70,18 @@ class RedisStreamPublisher:
 
     def publish_many(self, entries: Sequence[tuple[str, dict[str, Any]]],
                      then: Callable[[Pipeline], object] | None = None) -> list[str]:
-        """Every entry in one round trip (a pipeline, no transaction), in order; raises if any fails.
-        `then` queues more commands on the same client after them (their replies are not returned;
-        one that fails raises too)."""
-        pipe = self.client.pipeline(transaction=False)
-        for stream, fields in entries:
-            pipe.xadd(stream, _flat(fields), maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
-        if then is not None:
-            then(pipe)
-        replies = pipe.execute()[:len(entries)]
+        """Every entry in one round trip (a pipeline, no transaction, grouped with other threads'),
+        in order; raises if any fails. `then` queues more commands on the same client after them
+        (their replies are not returned; one that fails raises too)."""
+        flat = [(stream, _flat(fields)) for stream, fields in entries]
+
+        def queue(pipe: Pipeline) -> None:
+            for stream, fields in flat:
+                pipe.xadd(stream, fields, maxlen=self.maxlen, approximate=True)  # type: ignore[arg-type]
+            if then is not None:
+                then(pipe)
+
+        replies = self.pipelines.execute(queue)[:len(entries)]
         return [i.decode() if isinstance(i, bytes) else str(i) for i in replies]
 
 

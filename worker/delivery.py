@@ -29,6 +29,7 @@ import redis
 import structlog
 from redis.client import Pipeline
 
+from shelfsight.shared.grouped_pipelines import GroupedPipelines
 from shelfsight.shared.settings import Settings
 
 log = structlog.get_logger()
@@ -80,9 +81,10 @@ def delivery_key(event_id: str) -> str:
 class RedisDeliveryTracker:
     """The tracker above on Redis (the broker's instance: it already has to be up to deliver)."""
 
-    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
+    def __init__(self, client: redis.Redis, ttl_s: int, pipelines: GroupedPipelines | None = None) -> None:
         self.client = client
         self.ttl_s = ttl_s
+        self.pipelines = pipelines or GroupedPipelines(client)  # `begin`s of a burst: one round trip
 
     def begin(self, event_id: str, *, fresh: bool = False) -> Delivery:
         """Count a delivery starting; report an outcome already recorded by an earlier copy.
@@ -91,7 +93,8 @@ class RedisDeliveryTracker:
         outcome does not stand in for it.
         """
         try:
-            n, done = self.client.eval(_BEGIN, 1, delivery_key(event_id), self.ttl_s, "1" if fresh else "0")
+            [(n, done)] = self.pipelines.execute(
+                lambda pipe: pipe.eval(_BEGIN, 1, delivery_key(event_id), self.ttl_s, "1" if fresh else "0"))
         except redis.RedisError as exc:
             log.warning("delivery.untracked", error=f"{type(exc).__name__}: {exc}")
             return Delivery(0, None, tracked=False)

@@ -18,6 +18,7 @@ from typing import Any
 import structlog
 from celery import Celery, bootsteps
 
+from shelfsight.shared.grouped_pipelines import GroupedPipelines
 from shelfsight.shared.model_factory import resolve_device
 from shelfsight.shared.observability import register_queue_metrics, serve_metrics
 from shelfsight.shared.registry import ModelRegistry
@@ -52,9 +53,10 @@ def build_extraction_service(settings: Settings, *, background: bool = True) -> 
     if background:
         models.start_background(client)
     lanes = 2 if resolve_device(settings.device).type == "cuda" else 1  # 2: copy/compute overlap
+    pipelines = GroupedPipelines(client)  # every task thread's begins, stream entries and outcomes
     service = ExtractionService(
-        settings, taxonomy, store, RedisStreamPublisher(client, settings.stream_maxlen), models, lanes=lanes,
-        deliveries=RedisDeliveryTracker(client, settings.delivery_tracking_ttl_s),
+        settings, taxonomy, store, RedisStreamPublisher(client, settings.stream_maxlen, pipelines), models,
+        lanes=lanes, deliveries=RedisDeliveryTracker(client, settings.delivery_tracking_ttl_s, pipelines),
     )
     log.info("worker.ready", taxonomy_version=taxonomy.version, architecture=settings.model_arch,
              batch_size=settings.batch_size, batch_max_wait_ms=settings.batch_max_wait_ms)

@@ -67,3 +67,17 @@ def test_enqueue_json_prints_the_event_ids_it_queued(
     assert main(["enqueue", "--s3-notification", str(path), "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)["event_ids"]
     assert len(set(printed)) == 2 and {m["headers"]["id"] for m in _queued(settings)} == {"evt-7", *printed}
+
+
+def test_enqueue_does_not_subscribe_to_a_result_per_message(settings: Settings) -> None:
+    """Extraction keeps no Celery result: the producer must not hold a result subscription per event."""
+    from shelfsight.shared.celery_app import create_celery_app
+    from shelfsight.shared.enqueue import enqueue_upload
+
+    app = create_celery_app(settings)
+    event_id = enqueue_upload(app, product_id="sku-1", category="tops", image="s3://uploads/tops/sku-1.jpg")
+    [message] = _queued(settings)
+    assert message["headers"]["ignore_result"] is True
+    client = redis.Redis.from_url(settings.result_backend)
+    assert client.pubsub_numsub(f"celery-task-meta-{event_id}") == [(f"celery-task-meta-{event_id}".encode(), 0)]
+    app.close()

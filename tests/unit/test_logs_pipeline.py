@@ -84,6 +84,8 @@ def test_console_mode_redacts_tracebacks_too(capsys: pytest.CaptureFixture) -> N
 
 def test_celery_per_task_info_lines_are_demoted_and_errors_kept(capsys: pytest.CaptureFixture) -> None:
     configure_logging("json", "INFO")
+    assert not logging.getLogger("celery.app.trace").isEnabledFor(logging.INFO)  # Celery does not even build them
+    assert not logging.getLogger("celery.worker.strategy").isEnabledFor(logging.INFO)
     logging.getLogger("celery.worker.strategy").info("Task shelfsight.extract[abc] received")
     logging.getLogger("celery.app.trace").info("Task shelfsight.extract[abc] succeeded in 0.1s: {}")
     logging.getLogger("celery.app.trace").error("Task shelfsight.extract[abc] raised unexpected: X")
@@ -92,6 +94,7 @@ def test_celery_per_task_info_lines_are_demoted_and_errors_kept(capsys: pytest.C
     assert [line["event"] for line in lines] == [
         "Task shelfsight.extract[abc] raised unexpected: X", "Connected to redis://:***@127.0.0.1:6379/0"]
     configure_logging("json", "DEBUG")
+    assert logging.getLogger("celery.app.trace").isEnabledFor(logging.DEBUG)
     logging.getLogger("celery.app.trace").info("Task shelfsight.extract[abc] succeeded in 0.1s: {}")
     assert _json_lines(capsys.readouterr().err)[-1]["level"] == "debug"
 

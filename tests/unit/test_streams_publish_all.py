@@ -19,11 +19,15 @@ class _Pipeline:
         self.client = client
         self.queued: list[tuple[str, dict[str, Any]]] = []
 
+    @property
+    def command_stack(self) -> list[tuple[str, dict[str, Any]]]:  # what GroupedPipelines counts
+        return self.queued
+
     def xadd(self, stream: str, fields: dict[str, Any], **_: Any) -> _Pipeline:
         self.queued.append((stream, fields))
         return self
 
-    def execute(self) -> list[bytes]:
+    def execute(self, raise_on_error: bool = True) -> list[bytes]:
         self.client.round_trips += 1
         if self.client.down:
             raise ConnectionError("redis down")
