@@ -7,6 +7,7 @@ they came after).
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -217,14 +218,22 @@ def plumbing_baseline_s6(on: bool, service: Any) -> Iterator[None]:
         done = done.decode() if isinstance(done, bytes) else str(done)
         return delivery.Delivery(int(n), done or None)
 
+    def fresh_connections() -> None:
+        """Every task thread opens a new connection, of the class in force (the worker's threads
+        outlive a burst, and each keeps its connection)."""
+        if isinstance(getattr(service, "store", None), s3_light.LightS3ObjectStore):
+            service.store._local = threading.local()
+
     saved = (s3_light.Connection, GroupedPipelines.execute, delivery.RedisDeliveryTracker.begin)
     s3_light.Connection = _HttpClientConnection  # type: ignore[misc,assignment]
+    fresh_connections()
     GroupedPipelines.execute = alone  # type: ignore[method-assign]
     delivery.RedisDeliveryTracker.begin = begin_alone  # type: ignore[method-assign]
     try:
         yield
     finally:
         s3_light.Connection, GroupedPipelines.execute, delivery.RedisDeliveryTracker.begin = saved  # type: ignore[misc,method-assign]
+        fresh_connections()
 
 
 class _HttpClientConnection:

@@ -322,8 +322,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     phase.run(min(args.batch_size, args.images))
             # Interleave bare and e2e measurements and take the median of the adjacent pairs'
             # ratios: this machine's speed drifts by up to 2x within minutes (other tenants).
+            # With a baseline, the order alternates (A B, B A, ...): the machine's drift during a
+            # run favours neither side.
             for repeat in range(args.repeats):
-                for label, baseline in variants:
+                for label, baseline in (variants if repeat % 2 == 0 else variants[::-1]):
                     torch.set_num_threads(default_threads if not gpu else torch.get_num_threads())
                     bare_now = bench_bare(model, args.batch_size, min_s, 3 if not gpu else 20)
                     m.load(f"{label}_start")
