@@ -8,7 +8,7 @@ Python around the socket, more when 16 threads share one GIL. `GroupedPipelines.
 caller's commands; whoever finds no round trip in flight sends every queued caller's commands in
 one pipeline, while the callers that arrive meanwhile wait for it and then go in the next one,
 sent by the first of them. A caller waits for at most the round trip already in flight and its
-own; alone, it sends at once.
+own; alone, it sends at once (a single command as a plain command, not a pipeline).
 
 Each caller gets exactly its own replies, in order. A command Redis refuses (a ResponseError)
 fails only its caller; a round trip that fails (connection lost, timeout) fails every caller in
@@ -31,7 +31,7 @@ class _Call:
 
     def __init__(self, queue: Callable[[Pipeline], object]) -> None:
         self.queue = queue
-        self.done = threading.Event()
+        self.done: threading.Event | None = None  # made only for a caller that has to wait
         self.replies: list[Any] = []
         self.error: BaseException | None = None
         self.lead = False  # woken to send the next round trip, not with its replies
@@ -54,7 +54,9 @@ class GroupedPipelines:
             self._queued.append(call)
             lead = not self._in_flight
             self._in_flight = True
-        if not lead:
+            if not lead:
+                call.done = threading.Event()
+        if call.done is not None:
             call.done.wait()
             if call.lead:  # the previous round trip is back, and this caller sends the next one
                 lead = True
@@ -77,8 +79,9 @@ class GroupedPipelines:
                 else:
                     self._in_flight = False
             for call in calls:
-                call.done.set()
-            if successor is not None:
+                if call.done is not None:
+                    call.done.set()
+            if successor is not None and successor.done is not None:  # it waits: it was queued in flight
                 successor.lead = True
                 successor.done.set()
 
@@ -97,7 +100,14 @@ class GroupedPipelines:
         if not sent:
             return
         try:
-            replies = pipe.execute(raise_on_error=False)
+            if len(pipe.command_stack) == 1:  # one caller, one command: no pipeline to build and parse
+                args, options = pipe.command_stack[0]
+                try:
+                    replies = [self.client.execute_command(*args, **options)]
+                except redis.ResponseError as refused:
+                    replies = [refused]
+            else:
+                replies = pipe.execute(raise_on_error=False)
         except Exception as exc:  # noqa: BLE001 - the round trip failed: so did every caller's
             for call, _, _ in sent:
                 call.error = exc

@@ -18,9 +18,13 @@ from shelfsight.shared.streams import redis_client
 
 
 class CountingClient(redis.Redis):
-    """Counts pipeline round trips (with the number of commands in each)."""
+    """Counts round trips: pipelines (by their number of commands) and single commands (as 0)."""
 
     rounds: list[int]
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        self.rounds.append(0)
+        return super().execute_command(*args, **options)
 
     def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
         pipe = super().pipeline(transaction, shard_hint)
@@ -39,6 +43,7 @@ def client(settings: Settings) -> CountingClient:
     counting = CountingClient(connection_pool=redis_client(settings).connection_pool)
     counting.rounds = []
     counting.flushdb()
+    counting.rounds.clear()
     return counting
 
 
@@ -93,7 +98,7 @@ def test_callers_that_queue_during_a_round_trip_share_the_next_one(client: Count
     calls = [lambda i=i: grouped.execute(lambda pipe, i=i: (pipe.set(f"k{i}", i), pipe.incrby("total", i)))
              for i in range(12)]
     results = _hold_the_first_round(grouped, calls)
-    assert client.rounds == [1, 24]  # the held round trip, then all twelve callers' commands in one
+    assert client.rounds == [0, 24]  # the held round trip (one command), then all twelve callers' in one
     assert [r[0] for r in results] == [True] * 12
     totals = sorted(r[1] for r in results)  # INCRBY's running total, as each caller's own reply
     assert len(set(totals)) == 12 and totals[-1] == sum(range(12))
@@ -104,13 +109,14 @@ def test_callers_that_queue_during_a_round_trip_share_the_next_one(client: Count
 def test_a_refused_command_fails_only_its_caller(client: CountingClient) -> None:
     grouped = GroupedPipelines(client)
     client.set("text", "not a number")
+    client.rounds.clear()
     calls = [lambda: grouped.execute(lambda pipe: pipe.incr("text")),
              lambda: grouped.execute(lambda pipe: (pipe.set("a", 1), pipe.get("a"))),
              lambda: grouped.execute(lambda pipe: pipe.lpush("list", "x"))]
     bad, pair, pushed = _hold_the_first_round(grouped, calls)
     assert isinstance(bad, redis.ResponseError)
     assert pair == [True, b"1"] and pushed == [1]
-    assert client.rounds == [1, 4]
+    assert client.rounds == [0, 4]
 
 
 def test_a_queueing_function_that_raises_is_left_out(client: CountingClient) -> None:
@@ -123,8 +129,8 @@ def test_a_queueing_function_that_raises_is_left_out(client: CountingClient) -> 
     broken_result, fine = _hold_the_first_round(grouped, [lambda: grouped.execute(broken),
                                                           lambda: grouped.execute(lambda pipe: pipe.incr("n"))])
     assert isinstance(broken_result, ValueError) and fine == [1]
-    assert client.get("half") is None  # its half-queued command was not sent
-    assert client.rounds == [1, 1]
+    assert client.rounds == [0, 0]  # the held round trip, then the fine caller's command alone
+    assert client.get("half") is None  # the broken caller's half-queued command was not sent
 
 
 def test_a_round_trip_that_fails_fails_every_caller_in_it_and_the_next_works(settings: Settings) -> None:
@@ -137,8 +143,12 @@ def test_a_round_trip_that_fails_fails_every_caller_in_it_and_the_next_works(set
     assert live.execute(lambda pipe: pipe.ping()) == [True]
 
 
-def test_a_caller_alone_sends_at_once(client: CountingClient) -> None:
+def test_a_caller_alone_sends_at_once_and_one_command_goes_without_a_pipeline(client: CountingClient) -> None:
     grouped = GroupedPipelines(client)
     assert grouped.execute(lambda pipe: (pipe.set("x", "1"), pipe.get("x"))) == [True, b"1"]
     assert grouped.execute(lambda pipe: pipe.get("x")) == [b"1"]
-    assert client.rounds == [2, 1]
+    assert client.rounds == [2, 0]
+    client.set("text", "not a number")
+    with pytest.raises(redis.ResponseError):
+        grouped.execute(lambda pipe: pipe.incr("text"))
+    assert grouped.execute(lambda pipe: pipe.incr("n")) == [1]  # the client is still in step
