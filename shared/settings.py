@@ -117,7 +117,7 @@ class Settings(BaseSettings):
     s3_light_client: bool = Field(
         True,
         description="Extraction workers send each event's image GET and result PUT as SigV4-signed "
-        "requests on a keep-alive http.client connection per thread (about a sixth of boto3's CPU per "
+        "requests on a keep-alive HTTP/1.1 connection per thread (about a tenth of boto3's CPU per "
         "request), with boto3's credentials, "
         "endpoint, retries and errors; other requests use boto3. Off: boto3 for everything. Off by "
         "itself when a proxy applies to the endpoint.",
