@@ -74,6 +74,11 @@ class DeliveryTracker(Protocol):
     def finish(self, event_id: str, outcome: str) -> None: ...
 
 
+def _text(reply: bytes | str | None) -> str | None:
+    """A recorded outcome as Redis returned it (bytes, or str on a decoding client), as text."""
+    return reply.decode() if isinstance(reply, bytes) else reply
+
+
 def delivery_key(event_id: str) -> str:
     return f"shelfsight:delivery:{event_id}"
 
@@ -107,7 +112,7 @@ class RedisDeliveryTracker:
             done = self.client.hget(delivery_key(event_id), "done")
         except redis.RedisError:
             return None
-        return done.decode() if isinstance(done, bytes) else done
+        return _text(done)
 
     def finished_many(self, event_ids: Sequence[str]) -> dict[str, str | None]:
         """`finished` of several events in one round trip (every one None when Redis is unreachable)."""
@@ -118,8 +123,7 @@ class RedisDeliveryTracker:
             replies = pipe.execute()
         except redis.RedisError:
             return dict.fromkeys(event_ids)
-        return {event_id: done.decode() if isinstance(done, bytes) else done
-                for event_id, done in zip(event_ids, replies, strict=True)}
+        return {event_id: _text(done) for event_id, done in zip(event_ids, replies, strict=True)}
 
     def release(self, event_id: str) -> None:
         try:
