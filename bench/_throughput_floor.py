@@ -7,8 +7,9 @@ A no-op task with the extract task's options (`ignore_result`, the `ExtractReque
 the crash-safe Redis transport, task events on unless --no-events), `--concurrency` threads, a
 real redis-server, consuming the extract and backfill queues as the worker does. N messages with
 an upload event's size are enqueued; the CPU of the worker's threads (the consumer and the task
-threads; not the bench's main thread) is divided by N. With --baseline [s4|s3], bursts alternate
-with session 4's transport savings (the default) or session 3's and 4's switched off.
+threads; not the bench's main thread) is divided by N. With --baseline [s7|s4|s3], bursts alternate
+with session 7's task event groups (the default), session 4's transport savings, or session 3's
+and 4's switched off.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/_throughput_floor.py --baseline
 """
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _plumbing_baselines import plumbing_baseline_s3, plumbing_baseline_s4
+from _plumbing_baselines import plumbing_baseline_s3, plumbing_baseline_s4, plumbing_baseline_s7
 from _throughput_harness import CpuMeter, plumbing_by_component, say, services
 
 
@@ -33,17 +34,20 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--no-events", action="store_true", help="worker_send_task_events off (all task events)")
-    p.add_argument("--baseline", nargs="?", const="s4", default=None, choices=("s3", "s4"),
-                   help="interleave bursts with session 4's (default) or session 3's and 4's savings off")
+    p.add_argument("--baseline", nargs="?", const="s7", default=None, choices=("s3", "s4", "s7"),
+                   help="interleave bursts with session 7's task event groups off (default), or session "
+                        "4's transport savings, or session 3's and 4's")
     args = p.parse_args()
     from celery.contrib.testing.worker import start_worker
 
     from shelfsight.shared.celery_app import create_celery_app
     from shelfsight.shared.settings import Settings
+    from shelfsight.worker.consumer import use_extraction_consumer
 
     with tempfile.TemporaryDirectory() as tmp, services(Path(tmp), "standin", 1) as svc:
         settings = Settings(broker_url=f"{svc.redis_url}/3", result_backend=f"{svc.redis_url}/3")
         app = create_celery_app(settings)
+        use_extraction_consumer(app, settings)  # the extraction worker's consumer and task event groups
         app.conf.worker_send_task_events = not args.no_events
         done = {"n": 0}
 
@@ -58,9 +62,12 @@ def main() -> None:
         results: dict[bool, list[float]] = {False: [], True: []}
         with start_worker(app, pool="threads", concurrency=args.concurrency, queues=[settings.extract_queue, settings.backfill_queue],
                           perform_ping_check=False, loglevel="WARNING"):
-            for _ in range(args.repeats):
-                for baseline in ([False, True] if args.baseline else [False]):
-                    with (plumbing_baseline_s4 if args.baseline == "s4" else plumbing_baseline_s3)(baseline, None):
+            for repeat in range(args.repeats):
+                order = [False, True] if args.baseline else [False]
+                for baseline in (order if repeat % 2 == 0 else order[::-1]):  # A B, B A: drift favours neither
+                    baseline_off = {"s7": plumbing_baseline_s7, "s4": plumbing_baseline_s4}.get(args.baseline or "",
+                                                                                  plumbing_baseline_s3)
+                    with baseline_off(baseline, None):
                         done["n"] = 0
                         for _ in range(50):  # warm: every thread started, clients built
                             noop.delay(event)

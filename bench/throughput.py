@@ -65,6 +65,7 @@ from _plumbing_baselines import (
     plumbing_baseline_s4,
     plumbing_baseline_s5,
     plumbing_baseline_s6,
+    plumbing_baseline_s7,
 )
 from _throughput_harness import (
     CpuMeter,
@@ -125,11 +126,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--s3", choices=("standin", "moto"), default="standin",
                    help="S3 server on loopback: the bench's stand-in (bench/_s3_standin.py, keep-alive, light) or moto")
     p.add_argument("--s3-processes", type=int, default=None, help="stand-in processes (CPU default 1, GPU 4)")
-    p.add_argument("--plumbing-baseline", nargs="?", const="s6", default=None,
-                   choices=("s2", "s3", "s4", "s5", "s6"),
+    p.add_argument("--plumbing-baseline", nargs="?", const="s7", default=None,
+                   choices=("s2", "s3", "s4", "s5", "s6", "s7"),
                    help="also run the in-process bursts with a change set's per-image savings off, interleaved: "
-                        "the before/after plumbing table. s6 (the default): session 6's (http.client for the "
-                        "light S3 client, each thread's Redis round trips apart); s5: session 5's (Pillow for every JPEG "
+                        "the before/after plumbing table. s7 (the default): session 7's (no decode slots: every "
+                        "thread decodes at once; task events flushed every loop turn, not grouped); s6: session 6's (http.client for the "
+                        "light S3 client, each thread's Redis round trips apart) and s7's; s5: session 5's (Pillow for every JPEG "
                         "decode, TF.normalize, urllib3 for the light S3 client, the delivery outcome in its own "
                         "round trip, the dead-letter check per event) and s6's; s4: session 4's transport (one "
                         "message per pop, recorded by a second round trip; one ack round trip each) and later; "
@@ -313,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # (c) end to end, burst then paced.
         meter = CpuMeter({"s3_server": svc.moto.pid, "redis_server": svc.redis.pid})
         variants = [("e2e", False)] + ([("e2e-baseline", True)] if args.plumbing_baseline else [])
-        baseline_off = {"s6": plumbing_baseline_s6, "s5": plumbing_baseline_s5, "s4": plumbing_baseline_s4, "s3": plumbing_baseline_s3}.get(args.plumbing_baseline or "",
+        baseline_off = {"s7": plumbing_baseline_s7, "s6": plumbing_baseline_s6, "s5": plumbing_baseline_s5, "s4": plumbing_baseline_s4, "s3": plumbing_baseline_s3}.get(args.plumbing_baseline or "",
                                                                                    plumbing_baseline)
         with CeleryPhase(settings_for("e2e", 2), args.concurrency, uris, "e2e") as phase:
             say(f"(c) e2e worker up: threads pool x{args.concurrency}; warming up with {args.batch_size} events")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -207,6 +208,16 @@ class Settings(BaseSettings):
         "(docs/performance.md) at the cost of Flower's per-task view of extraction; worker heartbeats "
         "(Flower's workers page) and training's task events stay on either way."
     )
+    task_event_flush_ms: int = Field(
+        100, ge=0, le=5000, description="Extraction's task events are sent to Redis in groups, at most "
+        "once per this interval (or at once when task_event_buffer events are waiting), instead of one "
+        "publish per turn of the consumer's loop: Flower shows a task up to this much later. 0 sends "
+        "them as Celery does."
+    )
+    task_event_buffer: int = Field(
+        256, ge=1, le=10_000, description="Task events held before the interval is up; the thread that "
+        "adds the last one sends the group."
+    )
     decode_on_gpu: bool = Field(True, description="Decode JPEGs with nvJPEG when on CUDA.")
     max_retries: int = Field(4, description="Transient errors are retried this many times, then dead-lettered.")
     retry_backoff_s: float = Field(1.0, description="First retry delay; doubles each attempt.")
@@ -225,6 +236,12 @@ class Settings(BaseSettings):
     decode_memory_bytes: int = Field(
         1 << 30, description="Byte budget for images being decoded at once (estimated from their "
         "headers); threads wait for room, so peak decode memory is bounded whatever the formats."
+    )
+    decode_slots: int = Field(
+        0, ge=0, description="CPU decodes (with their resize) running at once in a worker process; 0: "
+        "this machine's CPUs divided by worker_processes, at least 1. More at once than cores only adds "
+        "CPU: 16 threads decoding 400 px JPEGs together cost 2.2-2.3 ms of CPU each, two at a time "
+        "1.7-1.9 ms, and finished sooner (docs/performance.md, issue 12, session 7)."
     )
     model_load_concurrency: int = Field(
         2, description="Cold model loads running at once in a worker process (all categories)."
@@ -384,6 +401,13 @@ class Settings(BaseSettings):
         1.0, description="Pause after a failed enqueue (broker down) before retrying; doubles "
         "each time, up to 30 s. The notification stays at its source meanwhile."
     )
+
+    def effective_decode_slots(self) -> int:
+        """CPU decodes at once in one extraction process (`decode_slots`, or the CPUs this process
+        may run on divided among the worker processes)."""
+        if self.decode_slots:
+            return self.decode_slots
+        return max(1, len(os.sched_getaffinity(0)) // max(1, self.worker_processes))
 
     def effective_concurrency(self) -> int:
         """Thread count for the extraction worker."""

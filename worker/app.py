@@ -11,6 +11,7 @@ from celery import Celery
 
 from shelfsight.shared.celery_app import create_celery_app
 from shelfsight.shared.settings import Settings
+from shelfsight.worker.consumer import use_extraction_consumer
 from shelfsight.worker.runtime import BuildService, WorkerRuntime
 
 WORKER_TASKS = ("shelfsight.worker.tasks",)
@@ -19,7 +20,7 @@ WORKER_TASKS = ("shelfsight.worker.tasks",)
 def create_worker_app(settings: Settings) -> Celery:
     """The extraction worker's Celery app, with its runtime attached as `app.shelfsight_runtime`."""
     app = create_celery_app(settings, tasks=WORKER_TASKS)
-    app.conf.worker_consumer = "shelfsight.worker.consumer:Consumer"  # undecodable bodies are dead-lettered
+    use_extraction_consumer(app, settings)  # undecodable bodies are dead-lettered; task events grouped
     app.shelfsight_runtime = WorkerRuntime(settings)
     app.steps["worker"].add(BuildService)  # no service, no consuming: fail at startup instead
     return app

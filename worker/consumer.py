@@ -1,4 +1,5 @@
-"""The extraction worker's Celery consumer: messages no task can take are dead-lettered first.
+"""The extraction worker's Celery consumer: messages no task can take are dead-lettered first,
+and task events go to Redis in groups.
 
 Celery acks (or rejects without requeue) a message whose body cannot be decoded, that is not a
 task message, that names an unknown task or that is malformed as a task, and only then tells
@@ -6,6 +7,15 @@ anyone. Every message on the extract queue must end as a result or a dead letter
 consumer writes the dead letter *before* letting Celery drop the message; when the dead letter
 cannot be written (S3 down or denied), the message is put back on the queue instead, after a
 short pause, and tried again later. The body is kept as text, never deserialised.
+
+Task events (task-received, task-succeeded, ...; what Flower lists) are buffered by Celery and
+published, as one message per group, on the consumer's next loop turn: in a burst that is about
+one PUBLISH per event, each waking the loop from the task thread that sent it, and it cost the
+worker about 0.7 ms of CPU per image (docs/performance.md, issue 12, session 7). Here the first
+event buffered schedules one flush `task_event_flush_ms` later, and every event until then joins
+it; a buffer of `task_event_buffer` events is sent at once by the thread that fills it. Flower
+sees a task up to that interval later; nothing else reads these events. Heartbeats are not
+buffered. The buffer is flushed when the consumer stops (a restart or the shutdown).
 """
 
 from __future__ import annotations
@@ -14,8 +24,10 @@ import time
 from typing import Any
 
 import structlog
+from celery import Celery, bootsteps
 from celery.worker.consumer import Consumer as CeleryConsumer
 
+from shelfsight.shared.settings import Settings
 from shelfsight.worker import metrics
 from shelfsight.worker.delivery import OutcomeNotDurable
 
@@ -24,8 +36,44 @@ log = structlog.get_logger()
 UNRECORDED_PAUSE_S = 1.0  # while S3 is down, do not spin on the same undeliverable message
 
 
+def use_extraction_consumer(app: Celery, settings: Settings) -> None:
+    """Make `app`'s workers consume with the Consumer below, its task events grouped as `settings` says."""
+    app.conf.worker_consumer = "shelfsight.worker.consumer:Consumer"
+    app.conf.shelfsight_task_event_flush_s = settings.task_event_flush_ms / 1000
+    app.conf.shelfsight_task_event_buffer = settings.task_event_buffer
+    app.steps["consumer"].add(TaskEventGroups)
+
+
 class Consumer(CeleryConsumer):
-    """Celery's consumer, plus a dead letter for every message that never reaches a task."""
+    """Celery's consumer, plus a dead letter for every message that never reaches a task, and
+    task events flushed at most once per `shelfsight_task_event_flush_s`."""
+
+    event_flush_interval_s = 0.0  # set by TaskEventGroups; 0: Celery's flush per loop turn
+    _event_flush_due = False  # a flush is scheduled: events buffered until then join it
+
+    def on_send_event_buffered(self) -> None:
+        """Called by the event dispatcher, from any thread, after it buffered a task event."""
+        interval = self.event_flush_interval_s
+        if interval <= 0:
+            super().on_send_event_buffered()  # Celery's: flush on the loop's next turn
+            return
+        if self._event_flush_due:
+            return
+        self._event_flush_due = True
+        self.hub.call_soon(self._schedule_event_flush, interval)  # the loop's timer is the loop's own
+
+    def _schedule_event_flush(self, interval: float) -> None:
+        self.hub.call_later(interval, self._flush_due_events)
+
+    def _flush_due_events(self) -> None:
+        self._event_flush_due = False  # first: an event buffered from now on schedules the next flush
+        self._flush_events()
+
+    def group_task_events(self, interval_s: float) -> None:
+        """Flush task events `interval_s` after the first one buffered (0: on the next loop turn).
+        Forgets a scheduled flush: the loop's timers do not survive a consumer restart."""
+        self.event_flush_interval_s = interval_s
+        self._event_flush_due = False
 
     def on_decode_error(self, message: Any, exc: Exception) -> None:
         reason = (f"message body could not be decoded (content type {message.content_type!r}): "
@@ -68,3 +116,33 @@ class Consumer(CeleryConsumer):
                 # Redis and comes back after the visibility timeout
                 log.error("dead_letter.requeue_failed", error=f"{type(lost).__name__}: {lost}")
             return False
+
+
+class TaskEventGroups(bootsteps.StartStopStep):
+    """Sets the dispatcher's buffer size when the consumer (re)starts, and flushes what is buffered
+    when it stops: a restart after a lost connection, or the shutdown."""
+
+    requires = ("celery.worker.consumer.events:Events",)
+
+    def start(self, c: Any) -> None:
+        if isinstance(c, Consumer):
+            c.group_task_events(c.app.conf.get("shelfsight_task_event_flush_s") or 0.0)
+        dispatcher = c.event_dispatcher
+        if dispatcher is not None:
+            dispatcher.buffer_limit = c.app.conf.get("shelfsight_task_event_buffer") or dispatcher.buffer_limit
+
+    def stop(self, c: Any) -> None:
+        self._flush(c)
+
+    def shutdown(self, c: Any) -> None:
+        self._flush(c)
+
+    @staticmethod
+    def _flush(c: Any) -> None:
+        dispatcher = c.event_dispatcher
+        if dispatcher is None:
+            return
+        try:
+            dispatcher.flush()
+        except Exception as exc:  # noqa: BLE001 - the broker is gone: monitoring events, not outcomes
+            log.warning("task_events.not_flushed", error=f"{type(exc).__name__}: {exc}")
