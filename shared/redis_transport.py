@@ -145,17 +145,16 @@ class QoS(kombu_redis.QoS):
         self._pending_acks.append(delivery_tag)
 
     def flush_acks(self) -> None:
-        """Remove the deferred acks' unacked records in one round trip. On a Redis error they are
-        kept for the next try (logged once per outage), never raised into the event loop."""
+        """Remove the deferred acks' unacked records in one round trip of two commands (what
+        kombu's ack removes, for every tag at once). On a Redis error they are kept for the next try
+        (logged once per outage), never raised into the event loop."""
         tags = self._pending_acks
         if not tags:
             return
         self._pending_acks = []
         try:
             with self.pipe_or_acquire() as pipe:
-                for tag in tags:
-                    self._remove_from_indices(tag, pipe)  # what kombu's ack removes, all in one pipeline
-                pipe.execute()
+                pipe.zrem(self.unacked_index_key, *tags).hdel(self.unacked_key, *tags).execute()
         except Exception as exc:  # noqa: BLE001 - the broker is down: try again on the next turn
             self._pending_acks[:0] = tags
             if not self._ack_flush_failing:

@@ -136,8 +136,10 @@ def test_acks_on_the_event_loops_thread_are_written_together_and_flushed_on_clos
         held[1].ack()
         assert client.hlen("unacked") == 4  # deferred...
         assert len(channel.qos._delivered) - len(channel.qos._dirty) == 2  # ...but the slots are free
+        zrem_before = client.info("commandstats").get("cmdstat_zrem", {}).get("calls", 0)
         conn.transport.flush_acks()
         assert client.hlen("unacked") == 2 and client.zcard("unacked_index") == 2
+        assert client.info("commandstats")["cmdstat_zrem"]["calls"] == zrem_before + 1  # one ZREM for both
         other = threading.Thread(target=held[2].ack)
         other.start()
         other.join()
