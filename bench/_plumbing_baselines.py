@@ -239,10 +239,9 @@ def plumbing_baseline_s6(on: bool, service: Any) -> Iterator[None]:
 
 @contextlib.contextmanager
 def plumbing_baseline_s7(on: bool, service: Any) -> Iterator[None]:
-    """Switch off session 7's per-image savings while the block runs: every task thread decodes
-    at once (no decode slots), and task events are flushed on the consumer's next loop turn, as
-    Celery does (one PUBLISH per turn), instead of grouped for `task_event_flush_ms`. The bench's
-    worker consumer is found among live objects (bench only)."""
+    """Switch off session 7's per-image savings while the block runs: task events flushed on the
+    consumer's next loop turn, as Celery does (one PUBLISH per turn), instead of grouped for
+    `task_event_flush_ms`. The bench's worker consumer is found among live objects (bench only)."""
     if not on:
         yield
         return
@@ -254,14 +253,9 @@ def plumbing_baseline_s7(on: bool, service: Any) -> Iterator[None]:
     saved = [(c, c.event_flush_interval_s) for c in consumers]
     for consumer, _ in saved:
         consumer.group_task_events(0.0)
-    slots = getattr(service, "decode_slots", None)  # None: no service (bench/_throughput_floor.py)
-    if service is not None:
-        service.decode_slots = threading.BoundedSemaphore(10_000)
     try:
         yield
     finally:
-        if service is not None:
-            service.decode_slots = slots
         for consumer, interval in saved:
             if consumer.event_dispatcher is not None:
                 consumer.event_dispatcher.flush()  # the baseline's events, before grouping resumes

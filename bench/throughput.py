@@ -129,8 +129,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--plumbing-baseline", nargs="?", const="s7", default=None,
                    choices=("s2", "s3", "s4", "s5", "s6", "s7"),
                    help="also run the in-process bursts with a change set's per-image savings off, interleaved: "
-                        "the before/after plumbing table. s7 (the default): session 7's (no decode slots: every "
-                        "thread decodes at once; task events flushed every loop turn, not grouped); s6: session 6's (http.client for the "
+                        "the before/after plumbing table. s7 (the default): session 7's (task events flushed "
+                        "every loop turn, not grouped); s6: session 6's (http.client for the "
                         "light S3 client, each thread's Redis round trips apart) and s7's; s5: session 5's (Pillow for every JPEG "
                         "decode, TF.normalize, urllib3 for the light S3 client, the delivery outcome in its own "
                         "round trip, the dead-letter check per event) and s6's; s4: session 4's transport (one "

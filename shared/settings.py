@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Literal
 
@@ -237,12 +236,6 @@ class Settings(BaseSettings):
         1 << 30, description="Byte budget for images being decoded at once (estimated from their "
         "headers); threads wait for room, so peak decode memory is bounded whatever the formats."
     )
-    decode_slots: int = Field(
-        0, ge=0, description="CPU decodes (with their resize) running at once in a worker process; 0: "
-        "this machine's CPUs divided by worker_processes, at least 1. More at once than cores only adds "
-        "CPU: 16 threads decoding 400 px JPEGs together cost 2.2-2.3 ms of CPU each, two at a time "
-        "1.7-1.9 ms, and finished sooner (docs/performance.md, issue 12, session 7)."
-    )
     model_load_concurrency: int = Field(
         2, description="Cold model loads running at once in a worker process (all categories)."
     )
@@ -401,13 +394,6 @@ class Settings(BaseSettings):
         1.0, description="Pause after a failed enqueue (broker down) before retrying; doubles "
         "each time, up to 30 s. The notification stays at its source meanwhile."
     )
-
-    def effective_decode_slots(self) -> int:
-        """CPU decodes at once in one extraction process (`decode_slots`, or the CPUs this process
-        may run on divided among the worker processes)."""
-        if self.decode_slots:
-            return self.decode_slots
-        return max(1, len(os.sched_getaffinity(0)) // max(1, self.worker_processes))
 
     def effective_concurrency(self) -> int:
         """Thread count for the extraction worker."""

@@ -126,7 +126,6 @@ class ExtractionService:
         self.deliveries: DeliveryTracker = deliveries or InMemoryDeliveryTracker()
         self.dead_letters = DeadLetterWriter(settings, store, publisher)
         self.decode_budget = ByteBudget(max(1, settings.decode_memory_bytes))
-        self.decode_slots = threading.BoundedSemaphore(settings.effective_decode_slots())
         self.worker_name = self.dead_letters.worker_name
         self.sources = ImageSourcePolicy.from_settings(settings)
         self._lane_local = threading.local()
@@ -302,23 +301,19 @@ class ExtractionService:
         return Prepared(pixels, None, model.image_size, width, height)
 
     def _decode_within_budget(self, data: bytes, model: CategoryModel) -> tuple[torch.Tensor, int, int]:
-        """Decode and preprocess holding one of the process's decode slots and a reservation of its
-        decode byte budget.
+        """Decode and preprocess holding a reservation of the process's decode byte budget.
 
         The header (checked against every limit first) gives the size and mode, from which the
         decode's peak memory is estimated; threads wait while the budget is full, so a burst of
-        large PNG/WebP/TIFF images costs at most the budget, not threads × the largest image. The
-        slots (`decode_slots`, about one per core) keep a burst's threads from all decoding at once,
-        which costs more CPU per image and finishes later than taking turns.
+        large PNG/WebP/TIFF images costs at most the budget, not threads × the largest image.
         """
         limits = {"max_bytes": self.settings.max_image_bytes, "max_pixels": self.settings.max_image_pixels,
                   "max_frames": self.settings.max_image_frames}
         with open_header(data, **limits) as header:
             estimate = decoded_bytes_estimate(*header.size, header.mode, header.format, model.image_size)
             width, height = upright_size(header)  # full size, as the GPU path reports it
-            waiting = time.perf_counter()
-            with self.decode_slots, self.decode_budget.reserve(estimate):
-                metrics.DECODE_WAIT_SECONDS.observe(time.perf_counter() - waiting)
+            with self.decode_budget.reserve(estimate) as waited:
+                metrics.DECODE_WAIT_SECONDS.observe(waited)
                 rgb = decode_rgb(data, header, max_pixels=self.settings.max_image_pixels,
                                  draft_size=model.image_size)
                 # the tensor path (as nvJPEG batches take): a third of eval_transform's CPU, same pixels ±1 level

@@ -54,7 +54,7 @@ MODEL_LOAD_WAIT_SECONDS = Histogram(
     "shelfsight_model_load_wait_seconds", "Seconds a cold model load waited for the global load limiter",
 )
 DECODE_WAIT_SECONDS = Histogram(
-    "shelfsight_decode_wait_seconds", "Seconds an image waited for a decode slot and room in the decode byte budget",
+    "shelfsight_decode_wait_seconds", "Seconds an image waited for room in the decode byte budget",
     buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, 30),
 )
 CONFIDENCE = Histogram(

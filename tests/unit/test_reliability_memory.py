@@ -38,8 +38,7 @@ def _png(size: tuple[int, int]) -> bytes:
 
 def test_png_decodes_wait_for_the_byte_budget_instead_of_all_running_at_once() -> None:
     one_png = decoded_bytes_estimate(1200, 1000, "RGB", "PNG", 64)  # no draft for PNG: full size
-    settings = _settings(decode_memory_bytes=int(one_png * 2.5), max_image_pixels=50_000_000,
-                         decode_slots=8)  # the byte budget, not the slots, is what holds them back here
+    settings = _settings(decode_memory_bytes=int(one_png * 2.5), max_image_pixels=50_000_000)
     store = InMemoryObjectStore()
     taxonomy = load_taxonomy(settings.taxonomy_path)
     service = ExtractionService(settings, taxonomy, store, InMemoryPublisher(),
@@ -53,52 +52,6 @@ def test_png_decodes_wait_for_the_byte_budget_instead_of_all_running_at_once() -
     assert service.decode_budget.peak >= one_png  # it did reserve what a decode costs
     assert service.decode_budget.in_use() == (0, 0)
     service.close()
-
-
-def test_no_more_decodes_run_at_once_than_there_are_decode_slots(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from shelfsight.worker import extractor
-
-    settings = _settings(decode_slots=2)
-    store = InMemoryObjectStore()
-    taxonomy = load_taxonomy(settings.taxonomy_path)
-    service = ExtractionService(settings, taxonomy, store, InMemoryPublisher(),
-                                ModelCache(settings, taxonomy, store, ModelRegistry(store, BUCKET)))
-    model = service.models.get("pans")
-    lock, running, peak, calls = threading.Lock(), [0], [0], [0]
-    both_slots_held = threading.Barrier(2, timeout=10)  # the first two decodes run together
-    decode = extractor.decode_rgb
-
-    def counted_decode(*args, **kwargs):  # type: ignore[no-untyped-def]
-        with lock:
-            running[0] += 1
-            calls[0] += 1
-            first_two = calls[0] <= 2
-            peak[0] = max(peak[0], running[0])
-        try:
-            if first_two:
-                both_slots_held.wait()
-            time.sleep(0.01)  # without slots, the other six threads would pile in meanwhile
-            return decode(*args, **kwargs)
-        finally:
-            with lock:
-                running[0] -= 1
-
-    monkeypatch.setattr(extractor, "decode_rgb", counted_decode)
-    data = _png((64, 64))
-    with ThreadPoolExecutor(8) as pool:
-        prepared = list(pool.map(lambda _: service.prepare(data, model), range(16)))
-    assert all(p.pixels is not None for p in prepared)
-    assert peak[0] == 2
-    service.close()
-
-
-def test_decode_slots_default_to_the_cpus_shared_among_worker_processes() -> None:
-    import os
-
-    cpus = len(os.sched_getaffinity(0))
-    assert _settings().effective_decode_slots() == max(1, cpus)
-    assert _settings(worker_processes=cpus * 2).effective_decode_slots() == 1
-    assert _settings(decode_slots=5).effective_decode_slots() == 5
 
 
 def test_decode_estimates_take_jpeg_draft_into_account_and_nothing_else() -> None:
