@@ -10,12 +10,12 @@ short pause, and tried again later. The body is kept as text, never deserialised
 
 Task events (task-received, task-succeeded, ...; what Flower lists) are buffered by Celery and
 published, as one message per group, on the consumer's next loop turn: in a burst that is about
-one PUBLISH per event, each waking the loop from the task thread that sent it, and it cost the
-worker about 0.7 ms of CPU per image (docs/performance.md, issue 12, session 7). Here the first
+one PUBLISH (a Redis round trip on the consumer's thread) per event. Here the first
 event buffered schedules one flush `task_event_flush_ms` later, and every event until then joins
 it; a buffer of `task_event_buffer` events is sent at once by the thread that fills it. Flower
 sees a task up to that interval later; nothing else reads these events. Heartbeats are not
-buffered. The buffer is flushed when the consumer stops (a restart or the shutdown).
+buffered. The buffer is flushed when the consumer stops (a restart or the shutdown). Celery's
+per-message floor falls by 0.1-0.25 ms (docs/performance.md, issue 12, session 7).
 """
 
 from __future__ import annotations
