@@ -17,6 +17,7 @@ and 4's switched off.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import tempfile
@@ -89,6 +90,10 @@ def main() -> None:
         for baseline, runs in results.items():
             if runs:
                 say(f"{'before' if baseline else 'after'}: median {statistics.median(runs):.2f} ms per message")
+        print(json.dumps({"bench": "throughput_floor", "messages": args.messages, "baseline": args.baseline,
+                          "ms_per_message": [round(r, 3) for r in results[False]],
+                          "ms_per_message_baseline": [round(r, 3) for r in results[True]],
+                          "median_ms_per_message": round(statistics.median(results[False]), 3)}))
 
 
 if __name__ == "__main__":
