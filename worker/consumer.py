@@ -124,12 +124,10 @@ class TaskEventGroups(bootsteps.StartStopStep):
 
     requires = ("celery.worker.consumer.events:Events",)
 
-    def start(self, c: Any) -> None:
-        if isinstance(c, Consumer):
-            c.group_task_events(c.app.conf.get("shelfsight_task_event_flush_s") or 0.0)
-        dispatcher = c.event_dispatcher
-        if dispatcher is not None:
-            dispatcher.buffer_limit = c.app.conf.get("shelfsight_task_event_buffer") or dispatcher.buffer_limit
+    def start(self, c: Consumer) -> None:  # added with the Consumer and both values: use_extraction_consumer
+        c.group_task_events(c.app.conf["shelfsight_task_event_flush_s"])
+        if c.event_dispatcher is not None:
+            c.event_dispatcher.buffer_limit = c.app.conf["shelfsight_task_event_buffer"]
 
     def stop(self, c: Any) -> None:
         self._flush(c)
