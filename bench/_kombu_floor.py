@@ -24,6 +24,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from _throughput_harness import CpuMeter, plumbing_by_component, say, services
@@ -83,9 +84,8 @@ def main() -> None:
                     conn.transport.flush_acks()
 
             thread = threading.Thread(target=consume, name="consumer", daemon=True)
-            conn.transport.ack_loop = type("Loop", (), {"_loop_thread": None})()
             thread.start()
-            conn.transport.ack_loop._loop_thread = thread.ident  # acks on this thread are deferred
+            conn.transport.ack_loop = SimpleNamespace(_loop_thread=thread.ident)  # acks on this thread are deferred
             for repeat in range(args.repeats + 1):  # the first is the warm-up
                 n = 50 if repeat == 0 else args.messages
                 signatures = [app.signature(EXTRACT_TASK, args=(event,), queue=settings.extract_queue,

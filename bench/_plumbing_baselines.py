@@ -303,3 +303,8 @@ class _HttpClientResponse:
         if limit is not None and len(data) > limit:
             raise BodyTooLarge(None, limit)
         return data
+
+
+# `--plumbing-baseline` / `--baseline` names: each session's savings switched off (with every later one's).
+BASELINES = {"s2": plumbing_baseline, "s3": plumbing_baseline_s3, "s4": plumbing_baseline_s4,
+             "s5": plumbing_baseline_s5, "s6": plumbing_baseline_s6, "s7": plumbing_baseline_s7}

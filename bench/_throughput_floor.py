@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _plumbing_baselines import plumbing_baseline_s3, plumbing_baseline_s4, plumbing_baseline_s7
+from _plumbing_baselines import BASELINES
 from _throughput_harness import CpuMeter, plumbing_by_component, say, services
 
 
@@ -63,11 +63,10 @@ def main() -> None:
         results: dict[bool, list[float]] = {False: [], True: []}
         with start_worker(app, pool="threads", concurrency=args.concurrency, queues=[settings.extract_queue, settings.backfill_queue],
                           perform_ping_check=False, loglevel="WARNING"):
+            baseline_off = BASELINES[args.baseline or "s7"]  # without a baseline, only its `on=False` is used
+            order = [False, True] if args.baseline else [False]
             for repeat in range(args.repeats):
-                order = [False, True] if args.baseline else [False]
                 for baseline in (order if repeat % 2 == 0 else order[::-1]):  # A B, B A: drift favours neither
-                    baseline_off = {"s7": plumbing_baseline_s7, "s4": plumbing_baseline_s4}.get(args.baseline or "",
-                                                                                  plumbing_baseline_s3)
                     with baseline_off(baseline, None):
                         done["n"] = 0
                         for _ in range(50):  # warm: every thread started, clients built

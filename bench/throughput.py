@@ -59,14 +59,7 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test")
 
 # Siblings in bench/ (the script's own folder is first on sys.path when run as a script).
 import torch
-from _plumbing_baselines import (
-    plumbing_baseline,
-    plumbing_baseline_s3,
-    plumbing_baseline_s4,
-    plumbing_baseline_s5,
-    plumbing_baseline_s6,
-    plumbing_baseline_s7,
-)
+from _plumbing_baselines import BASELINES
 from _throughput_harness import (
     CpuMeter,
     cleanup_children,
@@ -127,7 +120,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="S3 server on loopback: the bench's stand-in (bench/_s3_standin.py, keep-alive, light) or moto")
     p.add_argument("--s3-processes", type=int, default=None, help="stand-in processes (CPU default 1, GPU 4)")
     p.add_argument("--plumbing-baseline", nargs="?", const="s7", default=None,
-                   choices=("s2", "s3", "s4", "s5", "s6", "s7"),
+                   choices=sorted(BASELINES),
                    help="also run the in-process bursts with a change set's per-image savings off, interleaved: "
                         "the before/after plumbing table. s7 (the default): session 7's (task events flushed "
                         "every loop turn, not grouped); s6: session 6's (http.client for the "
@@ -315,8 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # (c) end to end, burst then paced.
         meter = CpuMeter({"s3_server": svc.moto.pid, "redis_server": svc.redis.pid})
         variants = [("e2e", False)] + ([("e2e-baseline", True)] if args.plumbing_baseline else [])
-        baseline_off = {"s7": plumbing_baseline_s7, "s6": plumbing_baseline_s6, "s5": plumbing_baseline_s5, "s4": plumbing_baseline_s4, "s3": plumbing_baseline_s3}.get(args.plumbing_baseline or "",
-                                                                                   plumbing_baseline)
+        baseline_off = BASELINES[args.plumbing_baseline or "s2"]  # without a baseline, only its `on=False` is used
         with CeleryPhase(settings_for("e2e", 2), args.concurrency, uris, "e2e") as phase:
             say(f"(c) e2e worker up: threads pool x{args.concurrency}; warming up with {args.batch_size} events")
             for _, baseline in variants:
