@@ -64,20 +64,24 @@ def plumbing_baseline_s5(on: bool, service: Any) -> Iterator[None]:
     from shelfsight.shared.logs import RenderFirstHandler
     from shelfsight.worker.delivery import BatchFinishedCheck, RedisDeliveryTracker
 
-    saved = (extractor.decode_rgb, framing.preprocess_tensor, service.store, RedisDeliveryTracker.finish_in,
+    saved = (extractor.decode_rgb, framing.preprocess_tensor, RedisDeliveryTracker.finish_in,
              BatchFinishedCheck.finished, RenderFirstHandler.handle)
+    store = getattr(service, "store", None)  # no service: bench/_throughput_floor.py (no S3 request)
     RenderFirstHandler.handle = std_logging.Handler.handle  # type: ignore[method-assign]  # render under the lock
     extractor.decode_rgb = pil_decode
     framing.preprocess_tensor = session4_preprocess
-    service.store = _Urllib3LightStore(service.settings, fallback=getattr(service.store, "fallback", None))
+    if service is not None:
+        service.store = _Urllib3LightStore(service.settings, fallback=getattr(store, "fallback", None))
     RedisDeliveryTracker.finish_in = None  # type: ignore[assignment,method-assign]  # ExtractionService._announce: apart
     BatchFinishedCheck.finished = lambda self, event_id: self._deliveries.finished(event_id)  # type: ignore[method-assign]
     try:
         with plumbing_baseline_s6(True, service):  # session 5 came before session 6's changes
             yield
     finally:
-        (extractor.decode_rgb, framing.preprocess_tensor, service.store, RedisDeliveryTracker.finish_in,
+        (extractor.decode_rgb, framing.preprocess_tensor, RedisDeliveryTracker.finish_in,
          BatchFinishedCheck.finished, RenderFirstHandler.handle) = saved
+        if service is not None:
+            service.store = store
 
 
 class _Urllib3LightStore:
