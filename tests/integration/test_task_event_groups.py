@@ -63,7 +63,10 @@ class EventTap:
             time.sleep(0.02)
         return False
 
-    def close(self) -> None:
+    def __enter__(self) -> EventTap:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
         self.pubsub.close()
@@ -89,17 +92,13 @@ def worker_with_events(settings: Settings) -> Iterator[tuple[Any, threading.Even
 
 def test_every_task_event_arrives_in_far_fewer_publishes_than_events(settings: Settings) -> None:
     settings = settings.model_copy(update={"task_event_flush_ms": 200})
-    tap = EventTap(settings.broker_url)
-    try:
-        with worker_with_events(settings) as (noop, gate, _):
-            gate.set()
-            ids = [noop.delay(i).id for i in range(TASKS)]
-            assert tap.wait_for("task-succeeded", TASKS, timeout=30), len(tap.task_events("task-succeeded"))
-            received = {e["uuid"] for e in tap.task_events("task-received")}
-            succeeded = {e["uuid"] for e in tap.task_events("task-succeeded")}
-            publishes = len(tap.worker_task_messages())
-    finally:
-        tap.close()
+    with EventTap(settings.broker_url) as tap, worker_with_events(settings) as (noop, gate, _):
+        gate.set()
+        ids = [noop.delay(i).id for i in range(TASKS)]
+        assert tap.wait_for("task-succeeded", TASKS, timeout=30), len(tap.task_events("task-succeeded"))
+        received = {e["uuid"] for e in tap.task_events("task-received")}
+        succeeded = {e["uuid"] for e in tap.task_events("task-succeeded")}
+        publishes = len(tap.worker_task_messages())
     assert received == set(ids) and succeeded == set(ids)
     assert publishes <= TASKS // 4, f"{publishes} PUBLISHes for {2 * TASKS} task events"
 
@@ -107,24 +106,19 @@ def test_every_task_event_arrives_in_far_fewer_publishes_than_events(settings: S
 def test_with_the_interval_at_zero_celery_flushes_every_loop_turn(settings: Settings) -> None:
     """The comparison for the test above: Celery's own flush publishes many more messages."""
     settings = settings.model_copy(update={"task_event_flush_ms": 0})
-    tap = EventTap(settings.broker_url)
-    try:
-        with worker_with_events(settings) as (noop, gate, _):
-            gate.set()
-            for i in range(TASKS):
-                noop.delay(i)
-                time.sleep(0.01)  # spread out, as uploads arrive: each event is its loop turn's only one
-            assert tap.wait_for("task-succeeded", TASKS, timeout=30)
-            publishes = len(tap.worker_task_messages())
-    finally:
-        tap.close()
+    with EventTap(settings.broker_url) as tap, worker_with_events(settings) as (noop, gate, _):
+        gate.set()
+        for i in range(TASKS):
+            noop.delay(i)
+            time.sleep(0.01)  # spread out, as uploads arrive: each event is its loop turn's only one
+        assert tap.wait_for("task-succeeded", TASKS, timeout=30)
+        publishes = len(tap.worker_task_messages())
     assert publishes > TASKS // 2, f"only {publishes} PUBLISHes for {2 * TASKS} events without grouping"
 
 
 def test_events_still_buffered_when_the_worker_stops_are_sent(settings: Settings) -> None:
     settings = settings.model_copy(update={"task_event_flush_ms": 60_000})  # far longer than the test
-    tap = EventTap(settings.broker_url)
-    try:
+    with EventTap(settings.broker_url) as tap:
         with worker_with_events(settings) as (noop, gate, done):
             ids = [noop.delay(i).id for i in range(4)]
             assert tap.wait_for("task-received", 4, timeout=1.0) is False  # held for the interval
@@ -135,6 +129,4 @@ def test_events_still_buffered_when_the_worker_stops_are_sent(settings: Settings
             assert tap.task_events("task-succeeded") == []  # still held
         # the worker stopped: its buffered events were flushed on the way out, not a minute later
         assert tap.wait_for("task-succeeded", 4, timeout=10.0)
-    finally:
-        tap.close()
     assert {e["uuid"] for e in tap.task_events("task-succeeded")} == set(ids)
