@@ -149,3 +149,97 @@ def test_decode_rgb_arrays_are_writable_on_both_paths() -> None:
     for data in (_jpeg(_photo_like(64, 48)), png.getvalue()):
         with open_header(data, **LIMITS) as header:
             assert decode_rgb(data, header, max_pixels=LIMITS["max_pixels"], draft_size=224).flags.writeable
+
+
+def _exif(**tags: int) -> bytes:
+    exif = Image.Exif()
+    for tag, value in tags.items():
+        exif[int(tag[1:], 16)] = value  # t0112=6 -> tag 0x0112
+    return exif.tobytes()
+
+
+def _big_endian_exif(orientation: int) -> bytes:
+    """A Motorola-order ("MM") EXIF block with one IFD entry, as many cameras write it."""
+    import struct
+
+    ifd = struct.pack(">H", 1) + struct.pack(">HHI", 0x0112, 3, 1) + struct.pack(">HH", orientation, 0) + b"\0\0\0\0"
+    return b"Exif\x00\x00MM\x00*" + struct.pack(">I", 8) + ifd
+
+
+def _jpeg_corpus() -> dict[str, bytes]:
+    photo = _photo_like(120, 90)
+    second = io.BytesIO()
+    photo.save(second, format="MPO", save_all=True, append_images=[photo.rotate(90)])
+    software = Image.Exif()
+    software[0x0131] = "shelfsight tests"  # an EXIF block with no orientation tag
+    corpus = {
+        "420": _jpeg(photo), "444": _jpeg(photo, subsampling=0), "grey": _jpeg(photo.convert("L")),
+        "progressive": _jpeg(photo, progressive=True), "exif-no-orientation": _jpeg(photo, exif=software.tobytes()),
+        "cmyk": _jpeg(photo.convert("CMYK")), "mpo": second.getvalue(),
+        "xmp": _jpeg(photo, xmp=b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><tiff:Orientation>6</tiff:Orientation></x:xmpmeta>'),
+        "comment": _jpeg(photo, comment=b"shot on a phone"),
+        "broken-exif": _jpeg(photo, exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\xff\xff\xde\xad"),
+        "big-endian-6": _jpeg(photo, exif=_big_endian_exif(6)),
+        "cut-before-frame-header": _jpeg(photo)[:120],
+        "cut-after-frame-header": _jpeg(photo)[:400],
+    }
+    for orientation in range(1, 9):
+        corpus[f"orientation-{orientation}"] = _jpeg(photo, exif=_exif(t0112=orientation))
+    return corpus
+
+
+@pytest.mark.parametrize("name", sorted(_jpeg_corpus()))
+def test_the_jpeg_header_reader_agrees_with_pillow_or_leaves_it_to_pillow(name: str) -> None:
+    """Size, mode and EXIF orientation as Pillow reads them, for every JPEG the reader answers for."""
+    from shelfsight.shared.imaging import exif_orientation, read_jpeg_header
+
+    data = _jpeg_corpus()[name]
+    fast = read_jpeg_header(data)
+    answers = {"420", "444", "grey", "progressive", "exif-no-orientation", "comment", "big-endian-6",
+               *(f"orientation-{o}" for o in range(1, 9))}
+    assert (fast is not None) is (name in answers)  # XMP, CMYK, MPO, a broken EXIF block, cut files: Pillow's
+    if fast is None:
+        return
+    with Image.open(io.BytesIO(data)) as image:
+        assert (fast.size, fast.mode, fast.format) == (image.size, image.mode, image.format)
+        assert fast.orientation == exif_orientation(image)
+
+
+def test_open_header_reads_plain_jpegs_itself_and_keeps_every_limit() -> None:
+    """The reader's header goes through the same pixel limit, and a rotated JPEG is still turned
+    upright (by Pillow, which decode_rgb opens for it)."""
+    import struct
+
+    import numpy as np
+
+    from shelfsight.shared.imaging import JpegHeader, decode_rgb, open_header
+
+    plain = _jpeg(_photo_like(120, 90))
+    with open_header(plain, **LIMITS) as header:
+        assert isinstance(header, JpegHeader) and header.size == (120, 90)
+    claiming = bytearray(plain)
+    sof = claiming.index(b"\xff\xc0")
+    claiming[sof + 5:sof + 9] = struct.pack(">HH", 40_000, 40_000)
+    with pytest.raises(Rejected) as refused:
+        open_header(bytes(claiming), **LIMITS)
+    assert refused.value.code == "image_too_many_pixels"
+    with pytest.raises(Rejected) as too_big:
+        open_header(plain, max_bytes=len(plain) - 1, max_pixels=LIMITS["max_pixels"])
+    assert too_big.value.code == "image_too_large"
+    rotated = _jpeg(Image.new("RGB", (60, 20), (255, 0, 0)), exif=_exif(t0112=6))
+    with open_header(rotated, **LIMITS) as header:
+        assert isinstance(header, JpegHeader) and header.orientation == 6
+        pixels = decode_rgb(rotated, header, max_pixels=LIMITS["max_pixels"], draft_size=224)
+    assert pixels.shape == (60, 20, 3) and np.array_equal(pixels, np.asarray(decode_image(rotated, **LIMITS)))
+
+
+def test_a_header_of_endless_segments_is_left_to_pillow() -> None:
+    """A hostile file can hold millions of tiny segments before its frame header: the reader stops
+    after a bounded number and Pillow judges the file, as it did before the reader existed."""
+    from shelfsight.shared.imaging import read_jpeg_header
+
+    plain = _jpeg(_photo_like(40, 30))
+    padded = plain[:2] + b"\xff\xfe\x00\x02" * 300 + plain[2:]  # 300 empty comments after SOI
+    assert read_jpeg_header(plain) is not None
+    assert read_jpeg_header(padded) is None
+    assert read_jpeg_header(plain[:2] + b"\xff" * 100_000 + plain[2:]) is None  # fill bytes, bounded too
