@@ -258,12 +258,30 @@ def plumbing_baseline_s7(on: bool, service: Any) -> Iterator[None]:
     for consumer, _ in saved:
         consumer.group_task_events(0.0)
     try:
-        yield
+        with plumbing_baseline_s8(True, service):  # session 7 came before session 8's changes
+            yield
     finally:
         for consumer, interval in saved:
             if consumer.event_dispatcher is not None:
                 consumer.event_dispatcher.flush()  # the baseline's events, before grouping resumes
             consumer.group_task_events(interval)
+
+
+@contextlib.contextmanager
+def plumbing_baseline_s8(on: bool, service: Any) -> Iterator[None]:
+    """Switch off session 8's per-image savings while the block runs: Pillow opens every image's
+    header (with `getexif()` for the orientation) instead of the JPEG marker reader."""
+    if not on:
+        yield
+        return
+    from shelfsight.shared import imaging
+
+    saved = imaging.read_jpeg_header
+    imaging.read_jpeg_header = lambda data: None  # every header is Pillow's, as before session 8
+    try:
+        yield
+    finally:
+        imaging.read_jpeg_header = saved
 
 
 class _HttpClientConnection:
@@ -311,4 +329,5 @@ class _HttpClientResponse:
 
 # `--plumbing-baseline` / `--baseline` names: each session's savings switched off (with every later one's).
 BASELINES = {"s2": plumbing_baseline, "s3": plumbing_baseline_s3, "s4": plumbing_baseline_s4,
-             "s5": plumbing_baseline_s5, "s6": plumbing_baseline_s6, "s7": plumbing_baseline_s7}
+             "s5": plumbing_baseline_s5, "s6": plumbing_baseline_s6, "s7": plumbing_baseline_s7,
+             "s8": plumbing_baseline_s8}

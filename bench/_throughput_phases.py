@@ -151,7 +151,7 @@ def no_draft_decode() -> Iterator[None]:
     original = extractor.decode_rgb
 
     def full_decode(data: bytes, header: Any, *, max_pixels: int, draft_size: int | None = None) -> Any:
-        return np.array(imaging._decode_opened(header, None, max_pixels))
+        return np.array(imaging.decode_image(data, max_bytes=len(data), max_pixels=max_pixels))  # Pillow, full size
 
     extractor.decode_rgb = full_decode
     try:
