@@ -6,8 +6,9 @@ import contextlib
 import io
 import time
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import redis
 from PIL import Image
 
 from shelfsight.shared.registry import ModelRegistry
@@ -17,6 +18,42 @@ from shelfsight.shared.storage import ObjectStore
 T = TypeVar("T")
 
 TINY_ARCH = "shelfsight-tiny"
+
+
+class RecordingRedis(redis.Redis):
+    """redis.Redis that records its round trips: `trips` holds (pipelined, command names) for each
+    single command and each pipeline executed. Build it over a pool; `trips` starts empty."""
+
+    trips: list[tuple[bool, tuple[str, ...]]]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.trips = []
+
+    @property
+    def sent(self) -> list[tuple[str, ...]]:
+        """The command names of each round trip, in order."""
+        return [names for _, names in self.trips]
+
+    @property
+    def rounds(self) -> list[int]:
+        """Each round trip as a number: 0 for a single command, a pipeline's number of commands."""
+        return [len(names) if pipelined else 0 for pipelined, names in self.trips]
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        self.trips.append((False, (str(args[0]),)))
+        return super().execute_command(*args, **options)
+
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
+        pipe = super().pipeline(transaction, shard_hint)
+        execute, client = pipe.execute, self
+
+        def recorded(raise_on_error: bool = True) -> list[Any]:
+            client.trips.append((True, tuple(str(args[0]) for args, _ in pipe.command_stack)))
+            return execute(raise_on_error)
+
+        pipe.execute = recorded  # type: ignore[method-assign]
+        return pipe
 
 
 def wait_for(condition: Callable[[], T], timeout: float = 60.0, interval: float = 0.05) -> T:

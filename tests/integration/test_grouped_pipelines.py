@@ -15,35 +15,14 @@ from redis.retry import Retry
 from shelfsight.shared.grouped_pipelines import GroupedPipelines
 from shelfsight.shared.settings import Settings
 from shelfsight.shared.streams import redis_client
-
-
-class CountingClient(redis.Redis):
-    """Counts round trips: pipelines (by their number of commands) and single commands (as 0)."""
-
-    rounds: list[int]
-
-    def execute_command(self, *args: Any, **options: Any) -> Any:
-        self.rounds.append(0)
-        return super().execute_command(*args, **options)
-
-    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
-        pipe = super().pipeline(transaction, shard_hint)
-        execute, client = pipe.execute, self
-
-        def counted(raise_on_error: bool = True) -> list[Any]:
-            client.rounds.append(len(pipe.command_stack))
-            return execute(raise_on_error)
-
-        pipe.execute = counted  # type: ignore[method-assign]
-        return pipe
+from tests.helpers import RecordingRedis
 
 
 @pytest.fixture
-def client(settings: Settings) -> CountingClient:
-    counting = CountingClient(connection_pool=redis_client(settings).connection_pool)
-    counting.rounds = []
+def client(settings: Settings) -> RecordingRedis:
+    counting = RecordingRedis(connection_pool=redis_client(settings).connection_pool)
     counting.flushdb()
-    counting.rounds.clear()
+    counting.trips.clear()
     return counting
 
 
@@ -93,7 +72,7 @@ def _wait_queued(grouped: GroupedPipelines, n: int, done: threading.Event) -> No
     done.set()
 
 
-def test_callers_that_queue_during_a_round_trip_share_the_next_one(client: CountingClient) -> None:
+def test_callers_that_queue_during_a_round_trip_share_the_next_one(client: RecordingRedis) -> None:
     grouped = GroupedPipelines(client)
     calls = [lambda i=i: grouped.execute(lambda pipe, i=i: (pipe.set(f"k{i}", i), pipe.incrby("total", i)))
              for i in range(12)]
@@ -106,10 +85,10 @@ def test_callers_that_queue_during_a_round_trip_share_the_next_one(client: Count
     assert int(client.get("total") or 0) == sum(range(12))
 
 
-def test_a_refused_command_fails_only_its_caller(client: CountingClient) -> None:
+def test_a_refused_command_fails_only_its_caller(client: RecordingRedis) -> None:
     grouped = GroupedPipelines(client)
     client.set("text", "not a number")
-    client.rounds.clear()
+    client.trips.clear()
     calls = [lambda: grouped.execute(lambda pipe: pipe.incr("text")),
              lambda: grouped.execute(lambda pipe: (pipe.set("a", 1), pipe.get("a"))),
              lambda: grouped.execute(lambda pipe: pipe.lpush("list", "x"))]
@@ -119,7 +98,7 @@ def test_a_refused_command_fails_only_its_caller(client: CountingClient) -> None
     assert client.rounds == [0, 4]
 
 
-def test_a_queueing_function_that_raises_is_left_out(client: CountingClient) -> None:
+def test_a_queueing_function_that_raises_is_left_out(client: RecordingRedis) -> None:
     grouped = GroupedPipelines(client)
 
     def broken(pipe: Pipeline) -> None:
@@ -143,7 +122,7 @@ def test_a_round_trip_that_fails_fails_every_caller_in_it_and_the_next_works(set
     assert live.execute(lambda pipe: pipe.ping()) == [True]
 
 
-def test_a_caller_alone_sends_at_once_and_one_command_goes_without_a_pipeline(client: CountingClient) -> None:
+def test_a_caller_alone_sends_at_once_and_one_command_goes_without_a_pipeline(client: RecordingRedis) -> None:
     grouped = GroupedPipelines(client)
     assert grouped.execute(lambda pipe: (pipe.set("x", "1"), pipe.get("x"))) == [True, b"1"]
     assert grouped.execute(lambda pipe: pipe.get("x")) == [b"1"]

@@ -18,37 +18,14 @@ from shelfsight.shared.taxonomy import load_taxonomy
 from shelfsight.worker.delivery import RedisDeliveryTracker, delivery_key
 from shelfsight.worker.extractor import ExtractionService
 from shelfsight.worker.model_cache import ModelCache
-from tests.helpers import jpeg_bytes
-
-
-class CountingClient(redis.Redis):
-    """redis.Redis that counts round trips: single commands and pipeline executions, by command."""
-
-    sent: list[tuple[str, ...]]
-
-    def execute_command(self, *args: Any, **options: Any) -> Any:
-        self.sent.append((str(args[0]),))
-        return super().execute_command(*args, **options)
-
-    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
-        pipe = super().pipeline(transaction, shard_hint)
-        client = self
-        execute = pipe.execute
-
-        def counted(raise_on_error: bool = True) -> list[Any]:
-            client.sent.append(tuple(str(args[0]) for args, _ in pipe.command_stack))
-            return execute(raise_on_error)
-
-        pipe.execute = counted  # type: ignore[method-assign]
-        return pipe
+from tests.helpers import RecordingRedis, jpeg_bytes
 
 
 @pytest.fixture
-def service(settings: Settings) -> Iterator[tuple[ExtractionService, CountingClient]]:
+def service(settings: Settings) -> Iterator[tuple[ExtractionService, RecordingRedis]]:
     settings = settings.model_copy(update={"model_arch": "shelfsight-tiny", "model_weights": "none", "device": "cpu",
                                            "batch_size": 1, "batch_max_wait_ms": 1})
-    client = CountingClient(connection_pool=redis_client(settings).connection_pool)
-    client.sent = []
+    client = RecordingRedis(connection_pool=redis_client(settings).connection_pool)
     store = InMemoryObjectStore()
     store.put(settings.bucket, "uploads/pans/a.jpg", jpeg_bytes(), "image/jpeg")
     taxonomy = load_taxonomy(settings.taxonomy_path)
@@ -65,10 +42,10 @@ def _event(event_id: str, settings: Settings) -> dict[str, str]:
 
 
 def test_a_result_costs_three_round_trips_the_last_carrying_entry_and_outcome(
-        service: tuple[ExtractionService, CountingClient], settings: Settings) -> None:
+        service: tuple[ExtractionService, RecordingRedis], settings: Settings) -> None:
     svc, client = service
     svc.models.get("pans")  # loaded before counting
-    client.sent.clear()
+    client.trips.clear()
     outcome = svc.process(_event("ev-1", settings))
     assert outcome.status == "result"
     # begin, the batch's dead-letter check before the write, then one pipeline: the results and
@@ -80,7 +57,7 @@ def test_a_result_costs_three_round_trips_the_last_carrying_entry_and_outcome(
 
 
 def test_when_that_round_trip_fails_the_entry_and_the_outcome_are_still_recorded(
-        service: tuple[ExtractionService, CountingClient], settings: Settings,
+        service: tuple[ExtractionService, RecordingRedis], settings: Settings,
         monkeypatch: pytest.MonkeyPatch) -> None:
     svc, client = service
     svc.models.get("pans")
@@ -92,7 +69,7 @@ def test_when_that_round_trip_fails_the_entry_and_the_outcome_are_still_recorded
         return real(self, entries)
 
     monkeypatch.setattr(RedisStreamPublisher, "publish_many", fails_with_more)
-    client.sent.clear()
+    client.trips.clear()
     assert svc.process(_event("ev-2", settings)).status == "result"
     # each entry on its own (no second pipeline), then the outcome
     assert client.sent[-3:] == [("XADD",), ("XADD",), ("EVAL",)]
@@ -103,7 +80,7 @@ def test_when_that_round_trip_fails_the_entry_and_the_outcome_are_still_recorded
 
 
 def test_the_dead_letter_check_is_one_round_trip_per_batch_and_still_stops_a_second_outcome(
-        service: tuple[ExtractionService, CountingClient], settings: Settings) -> None:
+        service: tuple[ExtractionService, RecordingRedis], settings: Settings) -> None:
     """Four events scored in one batch of 4: one pipeline of four HGETs before their writes. One
     of them has already ended as a dead letter (another copy of it did): no result for it."""
     from concurrent.futures import ThreadPoolExecutor
@@ -119,7 +96,7 @@ def test_the_dead_letter_check_is_one_round_trip_per_batch_and_still_stops_a_sec
     svc.batcher.close()
     svc.batcher = MicroBatcher(run_batch, 4, 30.0)  # waits for all 4: one batch
     svc.models.get("pans")
-    client.sent.clear()
+    client.trips.clear()
     with ThreadPoolExecutor(4) as pool:
         outcomes = list(pool.map(lambda i: svc.process(_event(f"ev-{i}", settings) | {"product_id": f"sku-{i}"},
                                                        fresh=False),
