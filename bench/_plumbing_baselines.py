@@ -26,11 +26,12 @@ def plumbing_baseline(on: bool, service: Any) -> Iterator[None]:
     fast, skipped, store = framing.preprocess_pil, task_request.SKIPPED_EVENTS, service.store
     framing.preprocess_pil = lambda image, size, mean, std: framing.eval_transform(size, mean, std)(image)
     task_request.SKIPPED_EVENTS = frozenset()
-    service.store = S3ObjectStore(service.settings)
+    service.store = service.results.store = S3ObjectStore(service.settings)
     try:
         yield
     finally:
         framing.preprocess_pil, task_request.SKIPPED_EVENTS, service.store = fast, skipped, store
+        service.results.store = store
 
 
 @contextlib.contextmanager
@@ -71,8 +72,9 @@ def plumbing_baseline_s5(on: bool, service: Any) -> Iterator[None]:
     extractor.decode_rgb = pil_decode
     framing.preprocess_tensor = session4_preprocess
     if service is not None:
-        service.store = _Urllib3LightStore(service.settings, fallback=getattr(store, "fallback", None))
-    RedisDeliveryTracker.finish_in = None  # type: ignore[assignment,method-assign]  # ExtractionService._announce: apart
+        service.store = service.results.store = _Urllib3LightStore(service.settings,
+                                                                    fallback=getattr(store, "fallback", None))
+    RedisDeliveryTracker.finish_in = None  # type: ignore[assignment,method-assign]  # ResultWriter.announce: apart
     BatchFinishedCheck.finished = lambda self, event_id: self._deliveries.finished(event_id)  # type: ignore[method-assign]
     try:
         with plumbing_baseline_s6(True, service):  # session 5 came before session 6's changes
@@ -81,7 +83,7 @@ def plumbing_baseline_s5(on: bool, service: Any) -> Iterator[None]:
         (extractor.decode_rgb, framing.preprocess_tensor, RedisDeliveryTracker.finish_in,
          BatchFinishedCheck.finished, RenderFirstHandler.handle) = saved
         if service is not None:
-            service.store = store
+            service.store = service.results.store = store
 
 
 class _Urllib3LightStore:

@@ -5,7 +5,7 @@ process with thread-CPU counters around the stages of the extraction path.
 Each wrapped function adds `time.thread_time()` spent inside it, within a Celery task only (not
 the bench's own threads that read the results back), to its stage; the report divides by the
 events processed. Stages nest (`process` holds the rest;
-`_write_result` holds the PUT, the dead-letter check and the stream round trip), so the rows
+`ResultWriter.write` holds the PUT, the dead-letter check and the stream round trip), so the rows
 do not add up to the total. The counters themselves cost a few microseconds per call.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/task_probe.py --quick --processes "" --skip-naive \
@@ -99,10 +99,10 @@ def _install() -> None:
         (extractor, "open_header", "  image header"),
         (service, "_record", "result record"),
         (metrics, "observe_confidences", "metrics: confidences"),
-        (service, "_write_result", "write result (all)"),
+        (getattr(service, "results", None), "write", "write result (all)"),
         (s3_light.LightS3ObjectStore, "put", "  s3 PUT result"),
         (streams.RedisStreamPublisher, "publish_many", "  redis: stream entries (+ outcome)"),
-        (service, "_announce", "  announce (entries, outcome, fallbacks)"),
+        (getattr(service, "results", None), "announce", "  announce (entries, outcome, fallbacks)"),
     ):
         if _probe(owner, name, stage) and stage not in _ORDER:
             _ORDER.append(stage)

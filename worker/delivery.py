@@ -139,7 +139,7 @@ class RedisDeliveryTracker:
 
     def finish_in(self, pipe: Pipeline, event_id: str, outcome: str) -> None:
         """Queue `finish` on a pipeline of this tracker's client (the results stream's entry and the
-        outcome in one round trip; see ExtractionService._announce)."""
+        outcome in one round trip; see ResultWriter.announce)."""
         pipe.eval(_FINISH, 1, delivery_key(event_id), self.ttl_s, outcome)
 
 

@@ -1,8 +1,9 @@
 """The extraction service: one upload event in, one result file or one dead letter out.
 
 Runs in a Celery task thread. Fetch, decode and writes happen here, concurrently across
-threads; the model runs in the micro-batcher. Every path ends in `_finish_result`,
-`_dead_letter` or a retry decision: an event never ends in silence.
+threads (the result's write and its stream entries in `ResultWriter`, worker/result_writer.py);
+the model runs in the micro-batcher. Every path ends in a result, `_dead_letter` or a retry
+decision: an event never ends in silence.
 """
 
 from __future__ import annotations
@@ -26,10 +27,8 @@ from shelfsight.shared.events import (
     ImageInfo,
     ModelInfo,
     ResultRecord,
-    SupersededRecord,
     UploadEvent,
     result_key,
-    superseded_key,
 )
 from shelfsight.shared.image_sources import ImageSourcePolicy, ImageSourceRefused
 from shelfsight.shared.imaging import decode_rgb, exif_orientation, open_header, upright_size
@@ -39,15 +38,11 @@ from shelfsight.shared.storage import (
     ObjectMissing,
     ObjectStore,
     ObjectTooLarge,
-    PreconditionFailed,
     StorageError,
     TransientStorageError,
 )
 from shelfsight.shared.streams import (
     EventPublisher,
-    publish_after_write,
-    publish_all_after_write,
-    publish_each_after_write,
 )
 from shelfsight.shared.taxonomy import Taxonomy
 from shelfsight.worker import metrics
@@ -63,9 +58,9 @@ from shelfsight.worker.delivery import (
 from shelfsight.worker.gpu_decode import decode_batch
 from shelfsight.worker.limits import ByteBudget, decoded_bytes_estimate
 from shelfsight.worker.model_cache import CategoryModel, ModelCache
+from shelfsight.worker.result_writer import SCORE_DECIMALS, ResultWriter
 
 log = structlog.get_logger()
-SCORE_DECIMALS = 4  # stable across batch composition, ample for thresholds
 DURABLE_OUTCOMES = frozenset({"result", "dead_letter", "superseded"})
 
 
@@ -127,6 +122,7 @@ class ExtractionService:
         self.dead_letters = DeadLetterWriter(settings, store, publisher)
         self.decode_budget = ByteBudget(max(1, settings.decode_memory_bytes))
         self.worker_name = self.dead_letters.worker_name
+        self.results = ResultWriter(settings, store, publisher, self.deliveries, self.worker_name)
         self.sources = ImageSourcePolicy.from_settings(settings)
         self._lane_local = threading.local()
         self.batcher = MicroBatcher(
@@ -268,7 +264,7 @@ class ExtractionService:
             "queue_ms": _ms(t3 - t2 - scored.model_ms / 1000), "model_ms": round(scored.model_ms, 2),
             "batch_size": scored.batch_size,
         }
-        status, finish_recorded = self._write_result(record, event, scored)
+        status, finish_recorded = self.results.write(record, event, scored.finished_check, scored.uncertainty)
         metrics.observe_confidences(event.category, {a: r.confidence for a, r in record.attributes.items()},
                                     {a: r.needs_review for a, r in record.attributes.items()})
         metrics.STAGE_SECONDS.labels(stage="fetch").observe(t1 - t0)
@@ -402,135 +398,7 @@ class ExtractionService:
             attributes=attributes, needs_review=any(a.needs_review for a in attributes.values()),
         )
 
-    # --- endings --------------------------------------------------------------------------
-    def _write_result(self, record: ResultRecord, event: UploadEvent, scored: Scored) -> tuple[str, bool]:
-        """Idempotent write: identical content is not rewritten; an older event never overwrites a newer one.
-
-        With conditional writes, a new product costs one PUT (If-None-Match); an existing file
-        is read, compared, and replaced only if unchanged since (If-Match), so racing workers
-        cannot lose an update. An event older than the stored result is "superseded", and that
-        is recorded too (`_record_superseded`). Returns "result", "superseded" or "duplicate"
-        (another copy of this event already ended as a dead letter: one outcome per event), and
-        whether the delivery's outcome was recorded with the stream entries (`_announce`).
-        """
-        if scored.finished_check.finished(record.event_id) == "dead_letter":  # one round trip per batch
-            log.warning("result.not_written_already_dead_lettered")
-            return "duplicate", False
-        key = result_key(self.settings.results_prefix, record.category, record.product_id)
-        t0 = time.perf_counter()
-        record.timings["finished_at"] = datetime.now(UTC).isoformat()
-        body = record.model_dump_json(indent=2).encode()
-        conditional = self.settings.s3_conditional_writes
-        for _ in range(5):
-            if conditional:
-                try:
-                    self.store.put(self.settings.bucket, key, body, if_none_match=True)
-                    break
-                except PreconditionFailed:
-                    pass  # a result exists: decide below
-            existing, etag = self._existing_result(key)
-            if existing is not None and existing.submitted_at > record.submitted_at:
-                self._record_superseded(event, existing)
-                return "superseded", False
-            if existing is not None and existing.content_fingerprint() == record.content_fingerprint():
-                log.info("result.duplicate_kept")  # redelivery: the file already says exactly this
-                break
-            try:
-                if conditional and etag is not None:
-                    self.store.put(self.settings.bucket, key, body, if_match=etag)
-                else:
-                    self.store.put(self.settings.bucket, key, body)
-                break
-            except PreconditionFailed:
-                continue  # another worker wrote in between: look again
-        else:
-            raise TransientStorageError(f"result {key} kept changing under concurrent writers")
-        # the result is durable now: a stream failure is counted and logged, never a dead letter;
-        # the results entry, the review entry (if it needs review) and the delivery's outcome go in
-        # one round trip
-        entries = [(self.settings.results_stream, {
-            "event_id": record.event_id, "product_id": record.product_id, "category": record.category,
-            "result": f"s3://{self.settings.bucket}/{key}", "model_version": record.model.version,
-            "image_etag": record.image.etag, "status": "result",
-        })]
-        if record.needs_review:
-            entries.append((self.settings.review_stream,
-                            self._review_entry(record, f"s3://{self.settings.bucket}/{key}", scored.uncertainty)))
-        finish_recorded = self._announce(record.event_id, entries)
-        metrics.STAGE_SECONDS.labels(stage="write").observe(time.perf_counter() - t0)
-        return "result", finish_recorded
-
-    def _announce(self, event_id: str, entries: list[tuple[str, dict[str, Any]]]) -> bool:
-        """Publish a durable result's stream entries; True if the delivery's "result" outcome was
-        recorded in the same round trip (a Redis tracker on the publisher's own client).
-
-        If that round trip fails, each entry is published on its own (`publish_each_after_write`:
-        retries, then counted; not a second pipeline) and False tells `_process` to record the
-        outcome itself.
-        """
-        finish_in = getattr(self.deliveries, "finish_in", None)
-        if finish_in is not None and getattr(self.deliveries, "client", None) is getattr(self.publisher, "client", ()):
-            try:
-                self.publisher.publish_many(entries, then=lambda pipe: finish_in(pipe, event_id, "result"))
-                return True
-            except Exception as exc:  # noqa: BLE001 - the entries are retried one by one below
-                log.warning("stream.pipeline_failed", error=f"{type(exc).__name__}: {exc}", entries=len(entries))
-            ids = publish_each_after_write(self.publisher, entries)
-        else:
-            ids = publish_all_after_write(self.publisher, entries)
-        for (stream, _), published in zip(entries, ids, strict=True):
-            if published is None:
-                metrics.STREAM_PUBLISH_FAILURES.labels(
-                    stream="results" if stream == self.settings.results_stream else "review").inc()
-        return False
-
-    def _review_entry(self, record: ResultRecord, result_uri: str, uncertainty: float) -> dict[str, Any]:
-        """The review stream entry of a durable result that needs review (published with the results
-        entry: a notification after the write, never raised). A redelivered event publishes again:
-        consumers key on event_id. `uncertainty` was computed with the batch (`_score_batch`)."""
-        return {
-            "event_id": record.event_id, "product_id": record.product_id, "category": record.category,
-            "image": record.image.uri, "result": result_uri, "model_version": record.model.version,
-            "uncertainty": str(round(uncertainty, SCORE_DECIMALS)),
-            "attributes": json.dumps({a: {"value": r.value, "confidence": r.confidence, "needs_review": r.needs_review,
-                                          "scores": r.scores} for a, r in record.attributes.items()}),
-            "submitted_at": record.submitted_at.isoformat(),
-        }
-
-    def _record_superseded(self, event: UploadEvent, newer: ResultRecord) -> None:
-        """A newer upload of the product already has a result: record that this event lost.
-
-        S3 first (a failure raises TransientStorageError: the event is retried, nothing was
-        written), then the results stream with status "superseded".
-        """
-        record = SupersededRecord(
-            event_id=event.event_id, product_id=event.product_id, category=event.category, image=event.image,
-            submitted_at=event.submitted_at, superseded_by=newer.event_id, newer_submitted_at=newer.submitted_at,
-            worker=self.worker_name,
-        )
-        key = superseded_key(self.settings.results_prefix, record.recorded_at, event.event_id)
-        self.store.put(self.settings.bucket, key, record.model_dump_json(indent=2).encode())
-        published = publish_after_write(self.publisher, self.settings.results_stream, {
-            "event_id": event.event_id, "product_id": event.product_id, "category": event.category,
-            "status": "superseded", "superseded_by": newer.event_id,
-            "record": f"s3://{self.settings.bucket}/{key}",
-        })
-        if published is None:
-            metrics.STREAM_PUBLISH_FAILURES.labels(stream="results").inc()
-        log.info("result.superseded", newer_event_id=newer.event_id, record=key)
-
-    def _existing_result(self, key: str) -> tuple[ResultRecord | None, str | None]:
-        """The current result file and its ETag, (None, None) if absent."""
-        try:
-            stored = self.store.get(self.settings.bucket, key, max_bytes=4 << 20)
-        except ObjectMissing:
-            return None, None
-        try:
-            return ResultRecord.model_validate_json(stored.body), stored.etag
-        except ValidationError:
-            log.warning("result.unreadable_existing", key=key)
-            return None, stored.etag
-
+    # --- endings ---------------------------------------------------------------------------
     def _dead_letter(
         self, raw: Any, event: UploadEvent | None, code: ErrorCode, message: str, attempt: int
     ) -> Outcome:
