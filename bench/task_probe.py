@@ -78,6 +78,7 @@ def _install() -> None:
     import celery.concurrency.base as celery_pool
 
     service = extractor.ExtractionService
+    writer = getattr(extractor, "ResultWriter", service)  # before session 8 the service wrote results itself
     _probe(celery_pool, "apply_target", "celery apply_target (task + trace + ack)", task=True)
     _ORDER.append("celery apply_target (task + trace + ack)")
     for owner, name, stage in (
@@ -99,10 +100,10 @@ def _install() -> None:
         (extractor, "open_header", "  image header"),
         (service, "_record", "result record"),
         (metrics, "observe_confidences", "metrics: confidences"),
-        (getattr(service, "results", None), "write", "write result (all)"),
+        (writer, "write" if writer is not service else "_write_result", "write result (all)"),
         (s3_light.LightS3ObjectStore, "put", "  s3 PUT result"),
         (streams.RedisStreamPublisher, "publish_many", "  redis: stream entries (+ outcome)"),
-        (getattr(service, "results", None), "announce", "  announce (entries, outcome, fallbacks)"),
+        (writer, "announce" if writer is not service else "_announce", "  announce (entries, outcome, fallbacks)"),
     ):
         if _probe(owner, name, stage) and stage not in _ORDER:
             _ORDER.append(stage)
