@@ -117,8 +117,8 @@ class ResultWriter:
         recorded in the same round trip (a Redis tracker on the publisher's own client).
 
         If that round trip fails, each entry is published on its own (`publish_each_after_write`:
-        retries, then counted; not a second pipeline) and False tells `_process` to record the
-        outcome itself (ExtractionService._process).
+        retries, then counted; not a second pipeline) and False tells the extraction service
+        (ExtractionService._process) to record the outcome itself.
         """
         finish_in = getattr(self.deliveries, "finish_in", None)
         if finish_in is not None and getattr(self.deliveries, "client", None) is getattr(self.publisher, "client", ()):
