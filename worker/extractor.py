@@ -41,9 +41,7 @@ from shelfsight.shared.storage import (
     StorageError,
     TransientStorageError,
 )
-from shelfsight.shared.streams import (
-    EventPublisher,
-)
+from shelfsight.shared.streams import EventPublisher
 from shelfsight.shared.taxonomy import Taxonomy
 from shelfsight.worker import metrics
 from shelfsight.worker.batcher import BatchItem, MicroBatcher
