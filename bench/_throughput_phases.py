@@ -160,6 +160,37 @@ def no_draft_decode() -> Iterator[None]:
         extractor.decode_rgb = original
 
 
+@contextlib.contextmanager
+def forward_off_cpu(seconds_per_image: float) -> Iterator[None]:
+    """The worker's model forward waits instead of computing while the block runs: each batch
+    sleeps as long as the bare forward takes for it (`seconds_per_image` x its size), then gets
+    probabilities from fixed random features through the model's real heads.
+
+    The plumbing as it is on a GPU host, where the forward leaves the CPU to the task threads: a
+    measure of what the model's CPU forward costs the plumbing by sharing the cores, not a speed
+    of any model. Only the in-process worker (c) is switched.
+    """
+    from shelfsight.shared import clip_math
+    from shelfsight.worker.model_cache import CategoryModel
+
+    real_score = CategoryModel.score
+    features_by_dim: dict[int, torch.Tensor] = {}
+
+    def waiting_score(self: Any, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        time.sleep(seconds_per_image * len(pixels))
+        dim = int(self.heads[0].text_features.shape[-1])
+        if dim not in features_by_dim:
+            features_by_dim[dim] = torch.randn(256, dim, generator=torch.Generator().manual_seed(dim))
+        features = features_by_dim[dim][torch.arange(len(pixels)) % 256].to(self.heads[0].text_features.device)
+        return clip_math.score_heads(features, self.heads, self.logit_scale, self.temperatures)
+
+    CategoryModel.score = waiting_score  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        CategoryModel.score = real_score  # type: ignore[method-assign]
+
+
 _PRODUCER_APP: Any = None
 
 

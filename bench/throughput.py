@@ -78,6 +78,7 @@ from _throughput_phases import (
     ProcessPhase,
     bench_bare,
     bench_pipeline,
+    forward_off_cpu,
     make_images,
     no_draft_decode,
     percentile,
@@ -132,6 +133,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "(kombu's Redis client per command and separate in-flight LREM, full log redaction, strided "
                         "normalize, one XADD per stream entry); s2: session 2's (boto3 for S3, PIL resize, "
                         "task-started events)")
+    p.add_argument("--forward-off-cpu", action="store_true",
+                   help="also run the in-process bursts with the model forward replaced by a wait as long as the bare "
+                        "forward's (interleaved): the plumbing when the forward does not share the CPU, as on a GPU host")
     p.add_argument("--producers", type=int, default=None,
                    help="producer processes enqueueing the --processes bursts (CPU default 1: this process; GPU 4)")
     p.add_argument("--dry-run", action="store_true", help="every phase at tiny sizes (checks the script, not speed)")
@@ -202,6 +206,8 @@ class Measured:
     baseline_cpu: list[dict[str, float]] = field(default_factory=list)  # per burst, --plumbing-baseline
     baseline_pairs: list[tuple[float, float]] = field(default_factory=list)
     plumbing_runs: list[dict[str, float]] = field(default_factory=list)  # plumbing by component, per burst
+    off_cpu_runs: list[dict[str, float]] = field(default_factory=list)  # the same, --forward-off-cpu bursts
+    off_cpu_img_s: list[float] = field(default_factory=list)
     by_processes: dict[int, dict[str, Any]] = field(default_factory=dict)
     hot_swap: dict[str, Any] = field(default_factory=dict)
 
@@ -307,32 +313,43 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         # (c) end to end, burst then paced.
         meter = CpuMeter({"s3_server": svc.moto.pid, "redis_server": svc.redis.pid})
-        variants = [("e2e", False)] + ([("e2e-baseline", True)] if args.plumbing_baseline else [])
+        variants = [("e2e", "as built")] + ([("e2e-baseline", "baseline")] if args.plumbing_baseline else []) \
+            + ([("e2e-forward-off-cpu", "forward off cpu")] if args.forward_off_cpu else [])
         baseline_off = BASELINES[args.plumbing_baseline or "s2"]  # without a baseline, only its `on=False` is used
+
+        def variant(kind: str, service: Any, bare_img_s: float) -> Any:
+            """The switch a burst of this kind runs under (the code as built: none)."""
+            if kind == "forward off cpu":
+                return forward_off_cpu(1.0 / bare_img_s)
+            return baseline_off(kind == "baseline", service)
+
         with CeleryPhase(settings_for("e2e", 2), args.concurrency, uris, "e2e") as phase:
             say(f"(c) e2e worker up: threads pool x{args.concurrency}; warming up with {args.batch_size} events")
-            for _, baseline in variants:
-                with baseline_off(baseline, phase.service):
+            for _, kind in variants:
+                with variant(kind, phase.service, m.bare[max(m.bare)]):
                     phase.run(min(args.batch_size, args.images))
             # Interleave bare and e2e measurements and take the median of the adjacent pairs'
             # ratios: this machine's speed drifts by up to 2x within minutes (other tenants).
             # With a baseline, the order alternates (A B, B A, ...): the machine's drift during a
             # run favours neither side.
             for repeat in range(args.repeats):
-                for label, baseline in (variants if repeat % 2 == 0 else variants[::-1]):
+                for label, kind in (variants if repeat % 2 == 0 else variants[::-1]):
                     torch.set_num_threads(default_threads if not gpu else torch.get_num_threads())
                     bare_now = bench_bare(model, args.batch_size, min_s, 3 if not gpu else 20)
                     m.load(f"{label}_start")
                     meter.start()
-                    profile_to = out_dir / "profile-e2e" if args.profile and repeat == 0 and not baseline else None
-                    with baseline_off(baseline, phase.service), \
+                    profile_to = out_dir / "profile-e2e" if args.profile and repeat == 0 and kind == "as built" else None
+                    with variant(kind, phase.service, bare_now), \
                             py_spy(profile_to, [os.getpid(), svc.moto.pid]) as files:
                         run = phase.run(args.images)
                     run.cpu_s = meter.stop()
                     m.load(f"{label}_end")
-                    if baseline:
+                    if kind == "baseline":
                         m.baseline_cpu.append(plumbing_by_component(run.cpu_s, run.images))
                         m.baseline_pairs.append((bare_now, run.img_s))
+                    elif kind == "forward off cpu":
+                        m.off_cpu_runs.append(plumbing_by_component(run.cpu_s, run.images))
+                        m.off_cpu_img_s.append(run.img_s)
                     else:
                         if repeat == 0:
                             m.burst, prof_files = run, files
@@ -480,6 +497,11 @@ def hot_swap_under_load(phase: ProcessPhase, settings: Any, args: argparse.Names
     return out
 
 
+def median_by_component(runs: list[dict[str, float]]) -> dict[str, float]:
+    """Each component's median over the bursts (ms per image)."""
+    return {k: round(statistics.median(run.get(k, 0.0) for run in runs), 2) for k in sorted({k for run in runs for k in run})}
+
+
 def report(m: Measured, args: argparse.Namespace, device: torch.device, *, cores: int, default_threads: int,
            max_wait_ms: float, image_kib: float) -> dict[str, Any]:
     """The result JSON: headline rates and ratios first, then what they were measured with."""
@@ -490,10 +512,8 @@ def report(m: Measured, args: argparse.Namespace, device: torch.device, *, cores
     pair_ratios = sorted(e2e / b for b, e2e in pairs)
     median_pair = sorted(pairs, key=lambda p: p[1] / p[0])[len(pairs) // 2]
     lat = paced.latencies_ms if paced else burst.latencies_ms
-    plumbing = {k: round(statistics.median(run.get(k, 0.0) for run in m.plumbing_runs), 2)
-                for k in sorted({k for run in m.plumbing_runs for k in run})}
-    baseline = {k: round(statistics.median(run.get(k, 0.0) for run in m.baseline_cpu), 2)
-                for k in sorted({k for run in m.baseline_cpu for k in run})}
+    plumbing = median_by_component(m.plumbing_runs)
+    baseline, off_cpu = median_by_component(m.baseline_cpu), median_by_component(m.off_cpu_runs)
     return {
         "device": (torch.cuda.get_device_name(device) if gpu else f"cpu ({cores} cores)"),
         "model": args.model,
@@ -513,6 +533,10 @@ def report(m: Measured, args: argparse.Namespace, device: torch.device, *, cores
         "plumbing_ms_per_img_by_component_baseline": baseline or None,
         "e2e_over_bare_baseline": (round(statistics.median(e / b for b, e in m.baseline_pairs), 3)
                                    if m.baseline_pairs else None),
+        "plumbing_ms_per_img_forward_off_cpu": round(sum(off_cpu.values()), 2) if off_cpu else None,
+        "plumbing_ms_per_img_by_component_forward_off_cpu": off_cpu or None,
+        "plumbing_ms_per_img_runs_forward_off_cpu": [round(sum(run.values()), 2) for run in m.off_cpu_runs] or None,
+        "e2e_img_s_forward_off_cpu": round(statistics.median(m.off_cpu_img_s), 1) if m.off_cpu_img_s else None,
         "e2e_by_processes": {str(n): r["img_s"] for n, r in m.by_processes.items()},
         "e2e_by_processes_detail": {str(n): r for n, r in m.by_processes.items()},
         "hot_swap": m.hot_swap or None,
