@@ -271,8 +271,8 @@ def plumbing_baseline_s7(on: bool, service: Any) -> Iterator[None]:
 
 @contextlib.contextmanager
 def plumbing_baseline_s8(on: bool, service: Any) -> Iterator[None]:
-    """Switch off session 8's per-image savings while the block runs: Pillow opens every image's
-    header (with `getexif()` for the orientation) instead of the JPEG marker reader."""
+    """Switch off session 8's per-image savings (and session 9's) while the block runs: Pillow opens
+    every image's header (with `getexif()` for the orientation) instead of the JPEG marker reader."""
     if not on:
         yield
         return
@@ -281,9 +281,40 @@ def plumbing_baseline_s8(on: bool, service: Any) -> Iterator[None]:
     saved = imaging.read_jpeg_header
     imaging.read_jpeg_header = lambda data: None  # every header is Pillow's, as before session 8
     try:
-        yield
+        with plumbing_baseline_s9(True, service):  # session 8 came before session 9's changes
+            yield
     finally:
         imaging.read_jpeg_header = saved
+
+
+@contextlib.contextmanager
+def plumbing_baseline_s9(on: bool, service: Any) -> Iterator[None]:
+    """Switch off session 9's per-image savings while the block runs: the worker's preprocessing
+    runs op by op in Python (`preprocess_tensor`, each op giving the GIL up) instead of as one
+    TorchScript call, and the OpenMP team-size calls give the GIL up (ctypes.CDLL)."""
+    if not on:
+        yield
+        return
+    import ctypes
+
+    import torch
+
+    from shelfsight.shared import framing, torch_threads
+
+    def session8_preprocess(rgb: Any, size: int, mean: Any, std: Any) -> Any:
+        with torch_threads.one_intra_op_thread():
+            return framing.preprocess_tensor(torch.from_numpy(rgb).permute(2, 0, 1), size, mean, std)
+
+    saved_preprocess, saved_openmp = framing.preprocess_array, torch_threads._openmp
+    process = ctypes.CDLL(None)
+    setter, getter = process.omp_set_num_threads, process.omp_get_max_threads
+    setter.argtypes, setter.restype, getter.argtypes, getter.restype = [ctypes.c_int], None, [], ctypes.c_int
+    framing.preprocess_array = session8_preprocess
+    torch_threads._openmp = lambda: (setter, getter) if saved_openmp() is not None else None
+    try:
+        yield
+    finally:
+        framing.preprocess_array, torch_threads._openmp = saved_preprocess, saved_openmp
 
 
 class _HttpClientConnection:
@@ -332,4 +363,4 @@ class _HttpClientResponse:
 # `--plumbing-baseline` / `--baseline` names: each session's savings switched off (with every later one's).
 BASELINES = {"s2": plumbing_baseline, "s3": plumbing_baseline_s3, "s4": plumbing_baseline_s4,
              "s5": plumbing_baseline_s5, "s6": plumbing_baseline_s6, "s7": plumbing_baseline_s7,
-             "s8": plumbing_baseline_s8}
+             "s8": plumbing_baseline_s8, "s9": plumbing_baseline_s9}

@@ -120,11 +120,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--s3", choices=("standin", "moto"), default="standin",
                    help="S3 server on loopback: the bench's stand-in (bench/_s3_standin.py, keep-alive, light) or moto")
     p.add_argument("--s3-processes", type=int, default=None, help="stand-in processes (CPU default 1, GPU 4)")
-    p.add_argument("--plumbing-baseline", nargs="?", const="s8", default=None,
+    p.add_argument("--plumbing-baseline", nargs="?", const="s9", default=None,
                    choices=sorted(BASELINES),
                    help="also run the in-process bursts with a change set's per-image savings off, interleaved: "
-                        "the before/after plumbing table. s8 (the default): session 8's (Pillow opens every image's "
-                        "header); s7: session 7's (task events flushed every loop turn, not grouped) and s8's; s6: session 6's (http.client for the "
+                        "the before/after plumbing table. s9 (the default): session 9's (the worker's preprocessing op by "
+                        "op, not one TorchScript call; OpenMP team calls through ctypes.CDLL); s8: session 8's (Pillow "
+                        "opens every image's header) and s9's; s7: session 7's (task events flushed every loop turn, not grouped) and s8's; s6: session 6's (http.client for the "
                         "light S3 client, each thread's Redis round trips apart) and s7's; s5: session 5's (Pillow for every JPEG "
                         "decode, TF.normalize, urllib3 for the light S3 client, the delivery outcome in its own "
                         "round trip, the dead-letter check per event) and s6's; s4: session 4's transport (one "

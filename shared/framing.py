@@ -16,10 +16,13 @@ checks pixels and features on real photos.
 from __future__ import annotations
 
 import functools
+import threading
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import structlog
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
@@ -27,6 +30,8 @@ from torchvision import transforms as T
 
 from shelfsight.shared.imaging import jpeg_draft_factor
 from shelfsight.shared.torch_threads import one_intra_op_thread
+
+log = structlog.get_logger()
 
 FRAMING = "letterbox"
 FILL = (255, 255, 255)
@@ -111,10 +116,58 @@ def preprocess_array(rgb: np.ndarray, size: int, mean: Sequence[float], std: Seq
     """Decoded H x W x 3 uint8 pixels (`shared.imaging.decode_rgb`) -> `preprocess_tensor` of them: what
     `eval_transform` computes (within one 8-bit level: torch's antialiased bicubic against PIL's), at
     about a third of the CPU, because torch resizes uint8 channels-last images with vectorised
-    kernels. The extraction worker's CPU path."""
-    pixels = torch.from_numpy(rgb).permute(2, 0, 1)  # [3, H, W] view of HWC: channels-last
+    kernels. The extraction worker's CPU path, called from many task threads at once.
+
+    The steps run as one TorchScript call (`letterbox_resize_normalise_hwc`, scripted once per
+    process), which gives the GIL up once per image instead of once per torch op: with 16 task
+    threads on 2 cores, each op's hand-off of the GIL cost more than the op (1.2 against 0.7 ms per
+    image, bench/decode_cost.py and docs/performance.md). Same pixels, bit for bit.
+    """
+    scaled_mean, scaled_std = _normalizer(tuple(map(float, mean)), tuple(map(float, std)), torch.device("cpu"))
     with one_intra_op_thread():  # called from many task threads at once: no OpenMP team each
-        return preprocess_tensor(pixels, size, mean, std)
+        return _hwc_preprocessor()(torch.from_numpy(rgb), size, scaled_mean, scaled_std)
+
+
+def letterbox_resize_normalise_hwc(
+    rgb: torch.Tensor, size: int, scaled_mean: torch.Tensor, scaled_std: torch.Tensor
+) -> torch.Tensor:
+    """uint8 [H, W, 3] -> normalised float [3, size, size]: `preprocess_tensor` (no draft) of the
+    channels-last view, in plain torch ops that TorchScript compiles. `scaled_mean`/`scaled_std`:
+    255 mean and 255 std as [3, 1, 1] (`_normalizer`)."""
+    image = rgb.permute(2, 0, 1)  # [3, H, W] view of HWC: channels-last
+    height, width = image.shape[1], image.shape[2]
+    if height != width:  # letterbox_tensor: centred on white
+        side = max(height, width)
+        left, top = (side - width) // 2, (side - height) // 2
+        image = torch.nn.functional.pad(image, [left, side - width - left, top, side - height - top], value=255.0)
+    channels, height, width = image.shape[0], image.shape[1], image.shape[2]
+    # As torchvision's resize: a 1CHW view with the batch stride spelled out, so that interpolate
+    # keeps the channels-last layout (its uint8 kernels) and allocates the output that way.
+    batch = image.as_strided([1, channels, height, width],
+                             [channels * height * width, image.stride(0), image.stride(1), image.stride(2)])
+    resized = torch.nn.functional.interpolate(batch, size=[size, size], mode="bicubic", align_corners=False,
+                                              antialias=True)
+    pixels = torch.empty([channels, size, size], dtype=torch.float32)
+    pixels.copy_(resized[0])
+    return pixels.sub_(scaled_mean).div_(scaled_std)
+
+
+_script_lock = threading.Lock()
+
+
+@functools.cache
+def _hwc_preprocessor() -> Callable[[torch.Tensor, int, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """`letterbox_resize_normalise_hwc` scripted (once; the task threads' first calls wait for it), or
+    the function itself where this torch cannot script it."""
+    with _script_lock:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still shipped and working
+                scripted: Callable[..., torch.Tensor] = torch.jit.script(letterbox_resize_normalise_hwc)
+            return scripted
+        except Exception as exc:  # noqa: BLE001 - any failure to script: the same ops, run eagerly
+            log.warning("framing.torchscript_unavailable", error=str(exc)[:200])
+            return letterbox_resize_normalise_hwc
 
 
 def preprocess_tensor(

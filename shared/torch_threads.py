@@ -27,8 +27,8 @@ def _openmp() -> tuple[Any, Any] | None:
     (a build without OpenMP, or a runtime not visible to this process's global symbols)."""
     if "OpenMP" not in torch.__config__.parallel_info():
         return None
-    try:
-        process = ctypes.CDLL(None)
+    try:  # PyDLL: the calls keep the GIL (CDLL would give it up and wait for it back around each one)
+        process = ctypes.PyDLL(None)
         setter, getter = process.omp_set_num_threads, process.omp_get_max_threads
     except (AttributeError, OSError):
         return None

@@ -77,3 +77,23 @@ def test_preprocessing_threads_run_torch_alone_and_leave_the_rest_alone() -> Non
         assert torch.get_num_threads() == 2  # this thread (a batcher lane, say) keeps its team
     finally:
         torch.set_num_threads(original)
+
+
+def test_the_scripted_worker_preprocess_is_the_tensor_path_bit_for_bit(photos: dict[str, Image.Image]) -> None:
+    """preprocess_array runs `letterbox_resize_normalise_hwc` as one TorchScript call; it must give
+    exactly `preprocess_tensor`'s pixels (the GPU batch path and the parity tests use that one), for
+    square, tall, wide and small images, on every call (TorchScript re-optimises after its first runs),
+    and so must the same function run eagerly (the fallback)."""
+    import numpy as np
+
+    assert framing._hwc_preprocessor() is not framing.letterbox_resize_normalise_hwc  # this torch scripts it
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    for name, image in photos.items():
+        rgb = np.array(image.convert("RGB"))
+        expected = framing.preprocess_tensor(torch.from_numpy(rgb).permute(2, 0, 1), 224, mean, std)
+        for _ in range(4):
+            got = framing.preprocess_array(rgb, 224, mean, std)
+            assert got.is_contiguous() and got.dtype == torch.float32, name
+            assert torch.equal(got, expected), (name, float((got - expected).abs().max()))
+        scaled = framing._normalizer(mean, std, torch.device("cpu"))  # the eager fallback, where torch cannot script
+        assert torch.equal(framing.letterbox_resize_normalise_hwc(torch.from_numpy(rgb), 224, *scaled), expected), name
