@@ -21,6 +21,7 @@ import atexit
 import collections
 import functools
 import json
+import resource
 import sys
 import threading
 import time
@@ -35,6 +36,8 @@ from shelfsight.shared import framing, streams
 from shelfsight.worker import batcher, delivery, extractor, metrics, model_cache, s3_light
 
 _spent: collections.Counter[str] = collections.Counter()
+_waits: collections.Counter[str] = collections.Counter()  # the thread's voluntary context switches (it blocked)
+_preempted: collections.Counter[str] = collections.Counter()  # involuntary ones (the kernel took the core)
 _calls: collections.Counter[str] = collections.Counter()
 _lock = threading.Lock()
 TOTAL = "process (the whole event)"
@@ -55,17 +58,19 @@ def _probe(owner: Any, name: str, stage: str, *, task: bool = False) -> bool:
         counted = task or getattr(_in_task, "on", False)  # not the bench's own reader threads
         if task:
             _in_task.on = True
-        started = time.thread_time()
+        started, switches = time.thread_time(), resource.getrusage(resource.RUSAGE_THREAD)
         try:
             return original(*args, **kwargs)
         finally:
             if task:
                 _in_task.on = False
             if counted:
-                spent = time.thread_time() - started
+                spent, now = time.thread_time() - started, resource.getrusage(resource.RUSAGE_THREAD)
                 with _lock:
                     _spent[stage] += spent
                     _calls[stage] += 1
+                    _waits[stage] += now.ru_nvcsw - switches.ru_nvcsw
+                    _preempted[stage] += now.ru_nivcsw - switches.ru_nivcsw
 
     setattr(owner, name, probed)
     return True
@@ -114,9 +119,13 @@ def _report() -> None:
     if not events:
         return
     table = {stage: round(1000 * _spent[stage] / events, 3) for stage in _ORDER if _calls[stage]}
+    waits = {stage: round(_waits[stage] / events, 2) for stage in table}
+    preempted = {stage: round(_preempted[stage] / events, 2) for stage in table}
     for stage, ms in table.items():
-        print(f"[task_probe] {stage:45s} {ms:7.3f} ms/image ({_calls[stage]} calls)", file=sys.stderr)
-    print(json.dumps({"task_probe_ms_per_img": table, "events": events}))
+        print(f"[task_probe] {stage:45s} {ms:7.3f} ms/image, {waits[stage]:6.2f} waits and {preempted[stage]:5.2f} "
+              f"preemptions per image ({_calls[stage]} calls)", file=sys.stderr)
+    print(json.dumps({"task_probe_ms_per_img": table, "task_probe_waits_per_img": waits,
+                      "task_probe_preemptions_per_img": preempted, "events": events}))
 
 
 if __name__ == "__main__":
