@@ -18,6 +18,7 @@ from typing import Any
 import structlog
 from celery import Celery, bootsteps
 
+from shelfsight.shared import framing
 from shelfsight.shared.grouped_pipelines import GroupedPipelines
 from shelfsight.shared.model_factory import resolve_device
 from shelfsight.shared.observability import register_queue_metrics, serve_metrics
@@ -101,8 +102,10 @@ class WorkerRuntime:
             return self._dead_letters
 
     def warm_up(self) -> None:
-        """Build the service and the base model before the first event arrives; serve metrics."""
+        """Build the service and the base model (and script the CPU preprocessing) before the first
+        event arrives; serve metrics."""
         self.service.models.base_bundle()
+        framing.warm_up_preprocessing()
         metrics.watch_service(self.service)
         register_queue_metrics(self.settings)
         serve_metrics(self.settings)

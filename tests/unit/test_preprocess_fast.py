@@ -86,6 +86,9 @@ def test_the_scripted_worker_preprocess_is_the_tensor_path_bit_for_bit(photos: d
     and so must the same function run eagerly (the fallback)."""
     import numpy as np
 
+    framing._hwc_preprocessor.cache_clear()
+    framing.warm_up_preprocessing()  # what the worker runs at start: scripts it once
+    assert framing._hwc_preprocessor.cache_info().currsize == 1
     assert framing._hwc_preprocessor() is not framing.letterbox_resize_normalise_hwc  # this torch scripts it
     mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
     for name, image in photos.items():
