@@ -119,9 +119,9 @@ def preprocess_array(rgb: np.ndarray, size: int, mean: Sequence[float], std: Seq
     kernels. The extraction worker's CPU path, called from many task threads at once.
 
     The steps run as one TorchScript call (`letterbox_resize_normalise_hwc`, scripted once per
-    process), which gives the GIL up once per image instead of once per torch op: with 16 task
-    threads on 2 cores, each op's hand-off of the GIL cost more than the op (1.2 against 0.7 ms per
-    image, bench/decode_cost.py and docs/performance.md). Same pixels, bit for bit.
+    process), which gives the GIL up once per image instead of once per torch op: from 16 task
+    threads on 2 cores the op-by-op path cost 1.2 ms per image against 0.7 from one thread, as one
+    call 0.8 (bench/decode_cost.py, docs/performance.md). Same pixels, bit for bit.
     """
     scaled_mean, scaled_std = _normalizer(tuple(map(float, mean)), tuple(map(float, std)), torch.device("cpu"))
     with one_intra_op_thread():  # called from many task threads at once: no OpenMP team each
@@ -166,17 +166,24 @@ _script_lock = threading.Lock()
 
 @functools.cache
 def _hwc_preprocessor() -> Callable[[torch.Tensor, int, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """`letterbox_resize_normalise_hwc` scripted (once; the task threads' first calls wait for it), or
-    the function itself where this torch cannot script it."""
+    """What `preprocess_array` runs: `letterbox_resize_normalise_hwc` scripted, scripted once per
+    process (threads that ask at the same time wait for the first)."""
     with _script_lock:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still shipped and working
-                scripted: Callable[..., torch.Tensor] = torch.jit.script(letterbox_resize_normalise_hwc)
-            return scripted
-        except Exception as exc:  # noqa: BLE001 - any failure to script: the same ops, run eagerly
-            log.warning("framing.torchscript_unavailable", error=str(exc)[:200])
-            return letterbox_resize_normalise_hwc
+        return _scripted_or_eager()
+
+
+@functools.cache
+def _scripted_or_eager() -> Callable[[torch.Tensor, int, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """`letterbox_resize_normalise_hwc` scripted, or the function itself where this torch cannot
+    script it (logged)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still shipped and working
+            scripted: Callable[..., torch.Tensor] = torch.jit.script(letterbox_resize_normalise_hwc)
+        return scripted
+    except Exception as exc:  # noqa: BLE001 - any failure to script: the same ops, run eagerly
+        log.warning("framing.torchscript_unavailable", error=str(exc)[:200])
+        return letterbox_resize_normalise_hwc
 
 
 def preprocess_tensor(

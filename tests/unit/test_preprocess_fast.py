@@ -87,8 +87,9 @@ def test_the_scripted_worker_preprocess_is_the_tensor_path_bit_for_bit(photos: d
     import numpy as np
 
     framing._hwc_preprocessor.cache_clear()
-    framing.warm_up_preprocessing()  # what the worker runs at start: scripts it once
-    assert framing._hwc_preprocessor.cache_info().currsize == 1
+    framing._scripted_or_eager.cache_clear()
+    framing.warm_up_preprocessing()  # what the worker runs at start
+    assert framing._scripted_or_eager.cache_info().misses == 1  # scripted once
     assert framing._hwc_preprocessor() is not framing.letterbox_resize_normalise_hwc  # this torch scripts it
     mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
     for name, image in photos.items():
@@ -100,3 +101,24 @@ def test_the_scripted_worker_preprocess_is_the_tensor_path_bit_for_bit(photos: d
             assert torch.equal(got, expected), (name, float((got - expected).abs().max()))
         scaled = framing._normalizer(mean, std, torch.device("cpu"))  # the eager fallback, where torch cannot script
         assert torch.equal(framing.letterbox_resize_normalise_hwc(torch.from_numpy(rgb), 224, *scaled), expected), name
+
+
+def test_threads_asking_for_the_preprocessor_at_once_script_it_once() -> None:
+    import threading
+
+    framing._hwc_preprocessor.cache_clear()
+    framing._scripted_or_eager.cache_clear()
+    start = threading.Barrier(8)
+    got: list[object] = []
+
+    def ask() -> None:
+        start.wait()
+        got.append(framing._hwc_preprocessor())
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert framing._scripted_or_eager.cache_info().misses == 1
+    assert len(got) == 8 and all(g is got[0] for g in got)
