@@ -297,6 +297,10 @@ def _lock(state_dir: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+# The stacks started inside each terminated_by_signal block of the main thread, innermost last.
+_owners: list[list[DevStack]] = []
+
+
 @contextlib.contextmanager
 def terminated_by_signal() -> Iterator[None]:
     """Inside the block, SIGTERM and SIGHUP raise SystemExit (128 + signal) like Ctrl-C raises
@@ -305,6 +309,11 @@ def terminated_by_signal() -> Iterator[None]:
     Python's default for SIGTERM ends the process at once, and the stack's processes, each in
     its own session, would outlive it. Only the main thread can install handlers; elsewhere the
     block runs unchanged.
+
+    A stack that `start_stack` started inside the block is also stopped here when the block ends
+    with an exception. That covers a signal landing between `start_stack`'s return and the
+    caller's `with stack:` (the stack's own `__exit__` does not run then); stopping twice is
+    harmless.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -318,9 +327,19 @@ def terminated_by_signal() -> Iterator[None]:
         raise SystemExit(128 + signum)
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    owned: list[DevStack] = []
+    _owners.append(owned)
     try:
         yield
+    except BaseException:
+        for stack in owned:
+            try:
+                stack.stop()
+            except DevStackError as exc:
+                log.error("devstack.teardown_failed", error=str(exc))
+        raise
     finally:
+        _owners.pop()  # blocks nest: this one is innermost (remove() would match any equal list)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     # The handler's SystemExit is lost when the signal lands while the main thread runs a
@@ -354,6 +373,9 @@ def start_stack(state_dir: Path, settings: Settings, *, worker: bool = True, tra
             with terminated_by_signal():  # SIGTERM while starting: stop what was started, then exit
                 _start_all(stack, settings, extra_env, worker=worker, trainer=trainer, flower=flower,
                            relay=relay, timeout_s=timeout_s)
+            if _owners:  # the caller's block stops it if a signal lands before the caller holds it
+                _owners[-1].append(stack)
+            stack.write_state("up")
         except BaseException as exc:
             log.error("devstack.start_failed", error=(str(exc) or type(exc).__name__).splitlines()[0])
             try:
@@ -363,7 +385,6 @@ def start_stack(state_dir: Path, settings: Settings, *, worker: bool = True, tra
             if isinstance(exc, Exception) and not isinstance(exc, DevStackError):
                 raise DevStackError(f"dev stack failed to start: {exc}") from exc
             raise
-        stack.write_state("up")
     log.info("devstack.up", state_dir=str(state_dir), ports=stack.ports)
     return stack
 

@@ -11,10 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import redis
 
 from shelfsight.shared.dev.processes import pid_alive
-from shelfsight.shared.dev.stack import start_stack
+from shelfsight.shared.dev.stack import DevStack, start_stack, terminated_by_signal
 from shelfsight.shared.settings import Settings
 from tests.helpers import wait_for
 
@@ -75,3 +76,22 @@ def test_sigterm_to_the_running_demo_stops_its_stack(tmp_path: Path) -> None:
     pids = _terminate_when(demo, tmp_path, ready="worker", status="up")  # the demo is under way
     # old code: `make demo` died at once; redis, moto, worker, trainer, relay and Flower ran on
     wait_for(lambda: not any(pid_alive(pid) for pid in pids), timeout=30)
+
+
+def test_a_sigterm_before_the_callers_with_still_stops_the_stack(tmp_path: Path) -> None:
+    """`with terminated_by_signal(), start_stack(...) as stack:` (the demo): a SIGTERM that lands
+    after start_stack has returned and before the `with` holds the stack. Old code: the SystemExit
+    left through the signal block, the stack's __exit__ never ran, and its processes ran on."""
+    started: list[DevStack] = []
+    try:
+        with pytest.raises(SystemExit) as stopped, terminated_by_signal():
+            started.append(start_stack(tmp_path, Settings(), worker=False, flower=False))
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler raises before the next line
+            pytest.fail("the SIGTERM handler did not raise")
+        assert stopped.value.code == 128 + signal.SIGTERM
+        pids = [info.pid for info in started[0].processes.values()]
+        assert pids and not any(pid_alive(pid) for pid in pids)
+        assert not (tmp_path / "state.json").exists()
+    finally:
+        for stack in started:
+            stack.stop()
